@@ -1,0 +1,265 @@
+"""Sort-based dispatch: move routed tokens into per-expert buffers and back.
+
+The MoE layers share this one mechanism:
+
+```
+tokens [G, T, d] --dispatch(plan)--> buffers [G, E, C, d] --experts--> [G, E, C, d]
+                 --combine(plan, weights)--> outputs [G, T, d]
+```
+
+`G` groups of `T` tokens are routed independently (a group is the unit that
+stays local to one batch shard under expert parallelism). Every (token,
+choice) pair gets a slot in its expert's buffer of capacity `C`, or is
+dropped when the expert is full. Everything here is `keras.ops` with static
+shapes (given static inputs), so it runs under XLA, `jax.jit` and PyTorch,
+and its cost is a few sorts and gathers over `T * k` elements: it does not
+grow with the number of experts the way a one-hot `[T, E, C]` dispatch
+tensor or a loop over experts would.
+"""
+
+import math
+from typing import NamedTuple
+
+from keras import ops
+
+
+class DispatchPlan(NamedTuple):
+    """Where every routed (token, choice) pair goes.
+
+    Integer and boolean tensors only: the plan carries no gradient. Choices
+    are stored choice-major (`[G, k, T]`) because that is the order in which
+    they win capacity: every first choice before any second choice.
+
+    Attributes:
+        slot_tokens: int32 `[G, E, C]`, the token (index within its group)
+            held by each expert slot. Empty slots hold 0.
+        slot_filled: bool `[G, E, C]`, whether a slot holds a token.
+        choice_slots: int32 `[G, k, T]`, the flat slot `e * C + c` of each
+            kept choice, 0 for dropped or padding choices.
+        choice_kept: bool `[G, k, T]`, whether each choice got a slot.
+        expert_counts: int32 `[G, E]`, choices routed to each expert before
+            capacity is applied (padding excluded).
+    """
+
+    slot_tokens: object
+    slot_filled: object
+    choice_slots: object
+    choice_kept: object
+    expert_counts: object
+
+    @property
+    def kept(self):
+        """bool `[G, T, k]`: whether each (token, choice) got a slot."""
+        return ops.transpose(self.choice_kept, (0, 2, 1))
+
+    @property
+    def num_kept(self):
+        return ops.sum(ops.cast(self.choice_kept, "int32"))
+
+    @property
+    def num_routed(self):
+        return ops.sum(self.expert_counts)
+
+
+def expert_capacity(tokens_per_group, num_experts, top_k, capacity_factor):
+    """Slots per expert: `C = ceil(capacity_factor * T * k / E)`, at most `T`.
+
+    An expert can receive each token at most once, so `T` slots are always
+    enough: `capacity_factor=None` (dropless) uses exactly that. Works on a
+    Python int, or on a scalar tensor when the number of tokens is only known
+    at run time (a TensorFlow graph with an unknown batch size).
+
+    Args:
+        tokens_per_group: int or scalar int tensor, `T`.
+        num_experts: int, `E`.
+        top_k: int, `k`.
+        capacity_factor: float or `None` for dropless.
+
+    Returns:
+        The capacity, an int when `tokens_per_group` is an int.
+
+    Example:
+
+    >>> expert_capacity(4096, num_experts=64, top_k=2, capacity_factor=1.25)
+    160
+    """
+    if capacity_factor is None:
+        return tokens_per_group
+    ratio = capacity_factor * top_k / num_experts
+    if isinstance(tokens_per_group, int):
+        # The small tolerance keeps 1.1 * 10 / 11 from rounding up to 2.
+        capacity = math.ceil(ratio * tokens_per_group - 1e-6)
+        return max(1, min(capacity, tokens_per_group))
+    tokens = ops.cast(tokens_per_group, "float32")
+    capacity = ops.cast(ops.ceil(tokens * ratio - 1e-6), "int32")
+    return ops.maximum(1, ops.minimum(capacity, tokens_per_group))
+
+
+def _gather_rows(values, indices):
+    """Per-group gather: `values [G, M, ...]`, `indices [G, K]` -> `[G, K, ...]`.
+
+    One flat `take` on axis 0 (a plain row gather on every backend, whose
+    gradient is a scatter-add) instead of `take_along_axis`, whose broadcasting
+    implementations cost more.
+    """
+    rows_per_group = ops.shape(values)[1]
+    num_groups = ops.shape(indices)[0]
+    flat_values = ops.reshape(values, (-1,) + tuple(values.shape[2:]))
+    offsets = ops.expand_dims(ops.arange(num_groups, dtype="int32"), 1)
+    return ops.take(flat_values, indices + offsets * rows_per_group, axis=0)
+
+
+def compute_dispatch_plan(expert_ids, num_experts, capacity, token_mask=None):
+    """Assign every (token, choice) to a slot of its expert, or drop it.
+
+    Capacity goes to first choices before second choices (GShard/Switch
+    priority), and in token order within a choice rank. Padding tokens (where
+    `token_mask` is False) are routed nowhere and take no capacity.
+
+    Method: a stable sort of the choices by (expert, rank, token) lays each
+    expert's choices out contiguously in priority order; a choice's position
+    inside its expert is its sorted index minus the start of its expert, and
+    the first `C` positions of each expert are its slots.
+
+    Args:
+        expert_ids: int tensor `[G, T, k]`, the experts chosen per token.
+        num_experts: int, `E`.
+        capacity: int or scalar int tensor, slots per expert `C`.
+        token_mask: optional bool tensor `[G, T]`, False for padding.
+
+    Returns:
+        A `DispatchPlan`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> ids = np.array([[[0], [0], [1]]])  # 1 group, 3 tokens, top-1
+    >>> plan = compute_dispatch_plan(ids, num_experts=2, capacity=1)
+    >>> np.asarray(plan.kept)[0, :, 0].tolist()  # expert 0 is full
+    [True, False, True]
+    """
+    expert_ids = ops.cast(expert_ids, "int32")
+    num_groups, num_tokens, top_k = (
+        ops.shape(expert_ids)[0],
+        ops.shape(expert_ids)[1],
+        ops.shape(expert_ids)[2],
+    )
+    if token_mask is not None:
+        # Padding goes to a virtual expert `E` that sorts last and owns no slot.
+        expert_ids = ops.where(
+            ops.expand_dims(token_mask, -1), expert_ids, num_experts
+        )
+    num_choices = top_k * num_tokens
+    # Choice-major: flat index j = rank * T + token.
+    choice_experts = ops.reshape(
+        ops.transpose(expert_ids, (0, 2, 1)), (num_groups, num_choices)
+    )
+
+    # Unique keys make the order independent of whether the backend's
+    # argsort is stable (TensorFlow's is not guaranteed to be).
+    sort_keys = choice_experts * num_choices + ops.arange(
+        num_choices, dtype="int32"
+    )
+    sorted_choices = ops.argsort(sort_keys, axis=-1)  # sorted pos -> choice
+    sorted_positions = ops.argsort(sorted_choices, axis=-1)  # choice -> pos
+
+    # Choices per expert (plus the padding expert), then where each starts.
+    group_offsets = ops.expand_dims(
+        ops.arange(num_groups, dtype="int32") * (num_experts + 1), 1
+    )
+    counts = ops.segment_sum(
+        ops.ones((num_groups * num_choices,), "float32"),
+        ops.reshape(choice_experts + group_offsets, (-1,)),
+        num_segments=num_groups * (num_experts + 1),
+    )
+    counts = ops.reshape(ops.cast(counts, "int32"), (-1, num_experts + 1))
+    starts = ops.cumsum(counts, axis=-1) - counts
+
+    position_in_expert = sorted_positions - _gather_rows(starts, choice_experts)
+    choice_kept = ops.logical_and(
+        position_in_expert < capacity, choice_experts < num_experts
+    )
+    choice_slots = ops.where(
+        choice_kept, choice_experts * capacity + position_in_expert, 0
+    )
+
+    expert_counts = counts[:, :num_experts]
+    slot_index = ops.arange(capacity, dtype="int32")
+    slot_filled = slot_index[None, None, :] < ops.minimum(
+        expert_counts, capacity
+    )[:, :, None]
+    slot_sorted_position = ops.where(
+        slot_filled,
+        ops.expand_dims(starts[:, :num_experts], -1) + slot_index,
+        0,
+    )
+    slot_choices = _gather_rows(
+        sorted_choices, ops.reshape(slot_sorted_position, (num_groups, -1))
+    )
+    slot_tokens = ops.where(
+        slot_filled,
+        ops.reshape(slot_choices % num_tokens, ops.shape(slot_filled)),
+        0,
+    )
+    return DispatchPlan(
+        slot_tokens=slot_tokens,
+        slot_filled=slot_filled,
+        choice_slots=ops.reshape(
+            choice_slots, (num_groups, top_k, num_tokens)
+        ),
+        choice_kept=ops.reshape(choice_kept, (num_groups, top_k, num_tokens)),
+        expert_counts=expert_counts,
+    )
+
+
+def dispatch(tokens, plan):
+    """Gather tokens into expert buffers.
+
+    Args:
+        tokens: `[G, T, d]`.
+        plan: the `DispatchPlan` of these tokens.
+
+    Returns:
+        Buffers `[G, E, C, d]`; empty slots are zero.
+    """
+    num_groups = ops.shape(tokens)[0]
+    buffer_shape = tuple(ops.shape(plan.slot_tokens)) + (tokens.shape[-1],)
+    gathered = _gather_rows(
+        tokens, ops.reshape(plan.slot_tokens, (num_groups, -1))
+    )
+    # Zeroing empty slots keeps whatever sits in token 0 (padding may hold
+    # anything) out of the expert outputs.
+    gathered = ops.where(
+        ops.reshape(plan.slot_filled, (num_groups, -1, 1)),
+        gathered,
+        ops.zeros((), gathered.dtype),
+    )
+    return ops.reshape(gathered, buffer_shape)
+
+
+def combine(expert_outputs, plan, expert_weights):
+    """Gather expert outputs back to their tokens and mix them.
+
+    `output[t] = sum_k weight[t, k] * expert_output[slot(t, k)]` over the kept
+    choices; dropped choices add nothing (the residual carries the token).
+
+    Args:
+        expert_outputs: `[G, E, C, d]`.
+        plan: the `DispatchPlan` the buffers were made with.
+        expert_weights: `[G, T, k]`, the router's combine weights.
+
+    Returns:
+        `[G, T, d]`, in the dtype of `expert_outputs`.
+    """
+    num_groups = ops.shape(expert_outputs)[0]
+    hidden_dim = expert_outputs.shape[-1]
+    choice_shape = ops.shape(plan.choice_slots)
+    flat_outputs = ops.reshape(expert_outputs, (num_groups, -1, hidden_dim))
+    picked = _gather_rows(
+        flat_outputs, ops.reshape(plan.choice_slots, (num_groups, -1))
+    )
+    picked = ops.reshape(picked, tuple(choice_shape) + (hidden_dim,))
+    weights = ops.transpose(expert_weights, (0, 2, 1))
+    weights = ops.where(plan.choice_kept, weights, ops.zeros((), weights.dtype))
+    weights = ops.cast(weights, expert_outputs.dtype)
+    return ops.sum(picked * ops.expand_dims(weights, -1), axis=1)

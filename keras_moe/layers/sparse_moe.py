@@ -176,6 +176,11 @@ class SparseMoE(keras.layers.Layer):
         token_mask = None
         if mask is not None:
             token_mask = ops.reshape(ops.cast(mask, "bool"), (1, -1))
+            # Padding may hold anything (even NaN); zeroing it keeps it out
+            # of the router's math and its gradients.
+            tokens = ops.where(
+                ops.expand_dims(token_mask, -1), tokens, ops.zeros((), tokens.dtype)
+            )
 
         routing = self.router(tokens)
         capacity = expert_capacity(

@@ -7,12 +7,11 @@ def _masked_mean(values, token_mask, axis=0):
     """Mean over tokens (`axis`) of `values`, counting only real tokens."""
     if token_mask is None:
         return ops.mean(values, axis=axis)
-    weights = ops.cast(token_mask, values.dtype)
-    while len(weights.shape) < len(values.shape):
-        weights = ops.expand_dims(weights, -1)
-    total = ops.sum(values * weights, axis=axis)
-    count = ops.maximum(ops.sum(weights, axis=axis), 1.0)
-    return total / count
+    while len(token_mask.shape) < len(values.shape):
+        token_mask = ops.expand_dims(token_mask, -1)
+    total = ops.sum(ops.where(token_mask, values, 0.0), axis=axis)
+    count = ops.sum(ops.cast(token_mask, values.dtype), axis=axis)
+    return total / ops.maximum(count, 1.0)
 
 
 def expert_load(expert_counts):

@@ -80,7 +80,7 @@ class Experts(keras.layers.Layer):
     >>> import numpy as np
     >>> experts = Experts(num_experts=4, intermediate_dim=32)
     >>> buffers = np.random.normal(size=(4, 10, 16)).astype("float32")
-    >>> experts(buffers).shape
+    >>> tuple(experts(buffers).shape)
     (4, 10, 16)
     """
 

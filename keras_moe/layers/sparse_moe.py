@@ -78,7 +78,7 @@ class SparseMoE(keras.layers.Layer):
     >>> import numpy as np
     >>> moe = SparseMoE(num_experts=8, intermediate_dim=64, top_k=2)
     >>> x = np.random.normal(size=(2, 10, 32)).astype("float32")
-    >>> moe(x).shape
+    >>> tuple(moe(x).shape)
     (2, 10, 32)
     """
 

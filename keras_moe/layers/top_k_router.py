@@ -54,7 +54,7 @@ class TopKRouter(keras.layers.Layer):
     >>> import numpy as np
     >>> router = TopKRouter(num_experts=8, top_k=2, dtype="float32")
     >>> routing = router(np.random.normal(size=(5, 16)).astype("float32"))
-    >>> routing.expert_ids.shape, routing.expert_weights.shape
+    >>> tuple(routing.expert_ids.shape), tuple(routing.expert_weights.shape)
     ((5, 2), (5, 2))
     """
 

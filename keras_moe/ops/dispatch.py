@@ -133,9 +133,10 @@ def compute_dispatch_plan(expert_ids, num_experts, capacity, token_mask=None):
     Example:
 
     >>> import numpy as np
+    >>> from keras import ops
     >>> ids = np.array([[[0], [0], [1]]])  # 1 group, 3 tokens, top-1
     >>> plan = compute_dispatch_plan(ids, num_experts=2, capacity=1)
-    >>> np.asarray(plan.kept)[0, :, 0].tolist()  # expert 0 is full
+    >>> ops.convert_to_numpy(plan.kept)[0, :, 0].tolist()  # expert 0 is full
     [True, False, True]
     """
     expert_ids = ops.cast(expert_ids, "int32")

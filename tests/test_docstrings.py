@@ -1,0 +1,36 @@
+"""Every docstring example in the package runs and prints what it says."""
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import keras_moe
+
+
+# Modules whose public classes and functions must show a runnable example.
+MODULES_WITH_EXAMPLES = {
+    "keras_moe.layers.experts",
+    "keras_moe.layers.sparse_moe",
+    "keras_moe.layers.top_k_router",
+    "keras_moe.ops.dispatch",
+}
+
+
+def public_modules():
+    for module in pkgutil.walk_packages(keras_moe.__path__, "keras_moe."):
+        yield module.name
+
+
+@pytest.mark.parametrize("module_name", sorted(public_modules()))
+def test_docstring_examples(module_name):
+    module = importlib.import_module(module_name)
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for test in finder.find(module, module_name):
+        runner.run(test)
+    results = runner.summarize(verbose=False)
+    assert results.failed == 0, f"{results.failed} docstring example(s) failed"
+    if module_name in MODULES_WITH_EXAMPLES:
+        assert results.attempted > 0

@@ -118,3 +118,18 @@ def test_capacity_formula(num_tokens, num_experts, top_k, capacity_factor):
     )
     assert int(ops.convert_to_numpy(dynamic)) == expected
     assert expert_capacity(num_tokens, num_experts, top_k, None) == num_tokens
+
+
+def test_dropless_plan_keeps_everything_and_sizes_buffers_by_busiest_expert():
+    from keras_moe.utils.backend_utils import data_dependent_shapes_allowed
+
+    rng = np.random.default_rng(2)
+    num_tokens, num_experts = 40, 8
+    expert_ids = random_choices(rng, 1, num_tokens, num_experts, 2, skew=0.5)
+    plan = compute_dispatch_plan(expert_ids, num_experts, capacity=None)
+    assert ops.convert_to_numpy(plan.choice_kept).all()
+    busiest = np.bincount(expert_ids.reshape(-1), minlength=num_experts).max()
+    capacity = plan.slot_tokens.shape[-1]
+    # Eager PyTorch/TensorFlow size buffers by the busiest expert; compiled
+    # code (and JAX, always traced) needs the static bound T.
+    assert capacity == (busiest if data_dependent_shapes_allowed() else num_tokens)

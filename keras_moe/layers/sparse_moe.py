@@ -183,12 +183,12 @@ class SparseMoE(keras.layers.Layer):
             )
 
         routing = self.router(tokens)
-        capacity = expert_capacity(
-            num_tokens,
-            self.num_experts,
-            self.top_k,
-            self._capacity_factor(training),
-        )
+        capacity_factor = self._capacity_factor(training)
+        capacity = None  # Dropless: sized by the dispatch plan.
+        if capacity_factor is not None:
+            capacity = expert_capacity(
+                num_tokens, self.num_experts, self.top_k, capacity_factor
+            )
         plan = compute_dispatch_plan(
             routing.expert_ids, self.num_experts, capacity, token_mask
         )

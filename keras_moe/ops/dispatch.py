@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 from keras import ops
 
+from keras_moe.utils.backend_utils import data_dependent_shapes_allowed
+
 
 class DispatchPlan(NamedTuple):
     """Where every routed (token, choice) pair goes.
@@ -65,7 +67,8 @@ def expert_capacity(tokens_per_group, num_experts, top_k, capacity_factor):
     """Slots per expert: `C = ceil(capacity_factor * T * k / E)`, at most `T`.
 
     An expert can receive each token at most once, so `T` slots are always
-    enough: `capacity_factor=None` (dropless) uses exactly that. Works on a
+    enough: `capacity_factor=None` returns that bound (a dispatch plan given
+    `capacity=None` may size dropless buffers tighter). Works on a
     Python int, or on a scalar tensor when the number of tokens is only known
     at run time (a TensorFlow graph with an unknown batch size).
 
@@ -93,6 +96,20 @@ def expert_capacity(tokens_per_group, num_experts, top_k, capacity_factor):
     tokens = ops.cast(tokens_per_group, "float32")
     capacity = ops.cast(ops.ceil(tokens * ratio - 1e-6), "int32")
     return ops.maximum(1, ops.minimum(capacity, tokens_per_group))
+
+
+def dropless_capacity(expert_counts, tokens_per_group):
+    """The capacity that drops nothing.
+
+    Where shapes may depend on data (eager PyTorch and TensorFlow), that is
+    the busiest expert's count, so buffers grow with the tokens actually
+    routed. Compiled code needs a static bound: `T`, as an expert receives
+    each token at most once.
+    """
+    if data_dependent_shapes_allowed():
+        busiest = int(ops.convert_to_numpy(ops.max(expert_counts)))
+        return max(busiest, 1)
+    return tokens_per_group
 
 
 def _gather_rows(values, indices):
@@ -124,7 +141,8 @@ def compute_dispatch_plan(expert_ids, num_experts, capacity, token_mask=None):
     Args:
         expert_ids: int tensor `[G, T, k]`, the experts chosen per token.
         num_experts: int, `E`.
-        capacity: int or scalar int tensor, slots per expert `C`.
+        capacity: int or scalar int tensor, slots per expert `C`, or `None`
+            for dropless routing (see `dropless_capacity`).
         token_mask: optional bool tensor `[G, T]`, False for padding.
 
     Returns:
@@ -134,6 +152,8 @@ def compute_dispatch_plan(expert_ids, num_experts, capacity, token_mask=None):
 
     >>> import numpy as np
     >>> from keras import ops
+
+from keras_moe.utils.backend_utils import data_dependent_shapes_allowed
     >>> ids = np.array([[[0], [0], [1]]])  # 1 group, 3 tokens, top-1
     >>> plan = compute_dispatch_plan(ids, num_experts=2, capacity=1)
     >>> ops.convert_to_numpy(plan.kept)[0, :, 0].tolist()  # expert 0 is full
@@ -175,6 +195,9 @@ def compute_dispatch_plan(expert_ids, num_experts, capacity, token_mask=None):
     )
     counts = ops.reshape(ops.cast(counts, "int32"), (-1, num_experts + 1))
     starts = ops.cumsum(counts, axis=-1) - counts
+    expert_counts = counts[:, :num_experts]
+    if capacity is None:
+        capacity = dropless_capacity(expert_counts, num_tokens)
 
     position_in_expert = sorted_positions - _gather_rows(starts, choice_experts)
     choice_kept = ops.logical_and(
@@ -184,7 +207,6 @@ def compute_dispatch_plan(expert_ids, num_experts, capacity, token_mask=None):
         choice_kept, choice_experts * capacity + position_in_expert, 0
     )
 
-    expert_counts = counts[:, :num_experts]
     slot_index = ops.arange(capacity, dtype="int32")
     slot_filled = slot_index[None, None, :] < ops.minimum(
         expert_counts, capacity

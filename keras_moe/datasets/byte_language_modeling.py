@@ -82,7 +82,8 @@ def byte_lm_arrays(
     # A sequence needs `sequence_length + 1` bytes: the inputs and, one byte
     # further, the last target.
     needed = sequence_length + 1
-    if len(train_ids) < needed or (validation_split > 0 and len(val_ids) < needed):
+    too_short_for_validation = validation_split > 0 and len(val_ids) < needed
+    if len(train_ids) < needed or too_short_for_validation:
         raise ValueError(
             f"`text` is too short: with sequence_length={sequence_length} and "
             f"validation_split={validation_split}, each part needs at least "

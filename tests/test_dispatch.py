@@ -133,3 +133,9 @@ def test_dropless_plan_keeps_everything_and_sizes_buffers_by_busiest_expert():
     # Eager PyTorch/TensorFlow size buffers by the busiest expert; compiled
     # code (and JAX, always traced) needs the static bound T.
     assert capacity == (busiest if data_dependent_shapes_allowed() else num_tokens)
+
+
+def test_groups_too_large_for_int32_sort_keys_are_refused():
+    expert_ids = np.zeros((1, 2**23, 1), "int32")  # 8M tokens, top-1
+    with pytest.raises(ValueError, match=r"tokens_per_group \* top_k = 8388608"):
+        compute_dispatch_plan(expert_ids, num_experts=256, capacity=1)

@@ -176,6 +176,13 @@ from keras_moe.utils.backend_utils import data_dependent_shapes_allowed
         ops.transpose(expert_ids, (0, 2, 1)), (num_groups, num_choices)
     )
 
+    if isinstance(num_choices, int) and (num_experts + 1) * num_choices >= 2**31:
+        raise ValueError(
+            "Too many routed choices in one group for int32 sort keys: "
+            f"tokens_per_group * top_k = {num_choices} with num_experts="
+            f"{num_experts} needs (num_experts + 1) * tokens * top_k < 2**31. "
+            "Route the tokens in more, smaller groups."
+        )
     # Unique keys make the order independent of whether the backend's
     # argsort is stable (TensorFlow's is not guaranteed to be).
     sort_keys = choice_experts * num_choices + ops.arange(

@@ -218,6 +218,9 @@ class SparseMoE(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
+        # The expert and router arguments are stored once, in the sublayers.
+        expert_config = self.experts.get_config()
+        router_config = self.router.get_config()
         config.update(
             {
                 "num_experts": self.num_experts,
@@ -225,21 +228,18 @@ class SparseMoE(keras.layers.Layer):
                 "top_k": self.top_k,
                 "capacity_factor": self.capacity_factor,
                 "eval_capacity_factor": self.eval_capacity_factor,
-                "activation": self.experts.get_config()["activation"],
-                "gated": self.experts.gated,
-                "normalize_top_k": self.router.normalize_top_k,
+                "normalize_top_k": router_config["normalize_top_k"],
+                "router_initializer": router_config["kernel_initializer"],
                 "aux_loss_weight": self.aux_loss_weight,
                 "z_loss_weight": self.z_loss_weight,
-                "use_bias": self.experts.use_bias,
-                "kernel_initializer": keras.initializers.serialize(
-                    self.experts.kernel_initializer
-                ),
-                "bias_initializer": keras.initializers.serialize(
-                    self.experts.bias_initializer
-                ),
-                "router_initializer": keras.initializers.serialize(
-                    self.router.kernel_initializer
-                ),
             }
         )
+        for key in (
+            "activation",
+            "gated",
+            "use_bias",
+            "kernel_initializer",
+            "bias_initializer",
+        ):
+            config[key] = expert_config[key]
         return config

@@ -1,0 +1,40 @@
+"""The benchmark script keeps running (tiny sizes; timings are not checked)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+
+SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "sparse_moe_benchmark.py"
+
+
+def test_benchmark_smoke_run_prints_every_ratio():
+    backend = keras.backend.backend()
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--backends",
+            backend,
+            "--repeats",
+            "1",
+            "--skip-memory",
+            "--skip-breakdown",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "KERAS_BACKEND": backend},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for ratio in (
+        "SparseMoE E=64 / E=8 (cf 1.25)",
+        "SparseMoE E=8 cf=1.25 / dense",
+        "SparseMoE E=8 cf=1.0 / dense",
+        "keras-hub E=8 / SparseMoE E=8 cf=1.25",
+        "keras-hub E=64 / SparseMoE E=64 cf=1.25",
+    ):
+        assert ratio in result.stdout, ratio

@@ -152,8 +152,6 @@ def compute_dispatch_plan(expert_ids, num_experts, capacity, token_mask=None):
 
     >>> import numpy as np
     >>> from keras import ops
-
-from keras_moe.utils.backend_utils import data_dependent_shapes_allowed
     >>> ids = np.array([[[0], [0], [1]]])  # 1 group, 3 tokens, top-1
     >>> plan = compute_dispatch_plan(ids, num_experts=2, capacity=1)
     >>> ops.convert_to_numpy(plan.kept)[0, :, 0].tolist()  # expert 0 is full

@@ -1,6 +1,7 @@
 """Mixture-of-Experts layers."""
 
 from keras_moe.layers.experts import Experts
+from keras_moe.layers.feed_forward import FeedForward
 from keras_moe.layers.sparse_moe import SparseMoE
 from keras_moe.layers.top_k_router import RouterOutput
 from keras_moe.layers.top_k_router import TopKRouter

@@ -4,7 +4,11 @@ import keras
 from keras import ops
 
 from keras_moe.utils.argument_validation import check_bool
+from keras_moe.utils.argument_validation import check_choice
+from keras_moe.utils.argument_validation import check_float
 from keras_moe.utils.argument_validation import check_int
+
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
 
 class RouterOutput(NamedTuple):
@@ -14,7 +18,9 @@ class RouterOutput(NamedTuple):
         expert_ids: int32 `[..., k]`, the chosen experts, best first.
         expert_weights: float `[..., k]`, the combine weight of each choice.
         router_logits: float `[..., E]`, in the router's dtype.
-        router_probs: float `[..., E]`, softmax of the logits.
+        router_probs: float `[..., E]`, each token's distribution over
+            experts: the softmax of the logits, or the sigmoid scores
+            normalised to sum to 1. The balance losses use it.
     """
 
     expert_ids: object
@@ -23,28 +29,89 @@ class RouterOutput(NamedTuple):
     router_probs: object
 
 
+class RouterScores(NamedTuple):
+    """A router's scores, before any expert is chosen.
+
+    Attributes:
+        router_logits: float `[..., E]`.
+        scores: float `[..., E]`, softmax or sigmoid of the logits: what the
+            combine weights are taken from.
+        router_probs: float `[..., E]`, `scores` as a distribution.
+    """
+
+    router_logits: object
+    scores: object
+    router_probs: object
+
+
+def router_output_spec(inputs, num_choices, num_experts, dtype):
+    """The `RouterOutput` of symbolic shapes for `inputs` `[..., d]`."""
+    leading = tuple(inputs.shape[:-1])
+    choice_shape = leading + (num_choices,)
+    expert_shape = leading + (num_experts,)
+    return RouterOutput(
+        expert_ids=keras.KerasTensor(choice_shape, "int32"),
+        expert_weights=keras.KerasTensor(choice_shape, dtype),
+        router_logits=keras.KerasTensor(expert_shape, dtype),
+        router_probs=keras.KerasTensor(expert_shape, dtype),
+    )
+
+
 @keras.saving.register_keras_serializable(package="keras_moe")
 class TopKRouter(keras.layers.Layer):
     """Token-choice router: each token picks its `top_k` best experts.
 
-    Logits are `x @ kernel` with a `[d, E]` kernel, scores are their softmax
-    and each token takes the `top_k` highest-scoring experts, weighted by
-    their scores (renormalised to sum to 1 over the `k` choices when
-    `normalize_top_k=True`, as in Mixtral). Router math is sensitive to
-    rounding, so it runs in float32 (float64 under a float64 policy) whatever
-    the enclosing dtype policy; the MoE layers build their router that way.
+    Logits are `x @ kernel` with a `[d, E]` kernel. Scores are their softmax
+    (Shazeer et al. 2017, GShard, Switch, Mixtral) or their sigmoid
+    (DeepSeek-V3), and each token takes the `top_k` highest-scoring experts,
+    weighted by their scores: renormalised to sum to 1 over the `k` choices
+    when `normalize_top_k=True` (Mixtral, DeepSeek-V3), then multiplied by
+    `routed_scaling_factor`.
+
+    Options from the literature, all off by default:
+    - Group-limited routing (DeepSeek-V3): experts form `expert_groups`
+      groups of consecutive experts; a group's score is the sum of its two
+      best experts' scores, only the `top_groups` best groups are eligible,
+      and the `top_k` experts are picked among them.
+    - Aux-loss-free balancing (Wang et al. 2024): with
+      `bias_update_rate > 0` a non-trainable per-expert `expert_bias` is
+      added to the scores *for selection only* (weights use the unbiased
+      scores). `update_bias(expert_counts)` moves it by
+      `bias_update_rate * sign(mean_load - load_i)`; `SparseMoE` calls it
+      once per training step.
+    - Jitter (Switch): in training, the router's inputs are multiplied by
+      noise drawn from `U(1 - jitter, 1 + jitter)`.
+    - Noisy gating (Shazeer et al. 2017): in training, the logits get
+      `N(0, 1) * softplus(x @ noise_kernel)` added, with a learned
+      `[d, E]` `noise_kernel`.
+
+    Router math is sensitive to rounding, so it runs in float32 (float64
+    under a float64 policy) whatever the enclosing dtype policy; the MoE
+    layers build their router that way.
 
     Args:
         num_experts: int, the number of experts `E`.
         top_k: int in `[1, num_experts]`, experts per token.
+        score_function: `"softmax"` or `"sigmoid"`.
         normalize_top_k: bool, renormalise the `k` weights to sum to 1. With
-            `top_k=1` this makes every weight 1, so the router then learns
-            only through auxiliary losses; Switch keeps it False.
+            `top_k=1` and softmax scores this makes every weight 1, so the
+            router then learns only through auxiliary losses; Switch keeps it
+            False.
+        routed_scaling_factor: positive float multiplying the weights.
+        expert_groups: int dividing `num_experts`, the number of groups for
+            group-limited routing. 1 (the default) turns it off.
+        top_groups: int in `[1, expert_groups]`, the groups a token may use.
+        bias_update_rate: float >= 0, the step `u` of aux-loss-free
+            balancing; 0 turns it off.
+        jitter: float in `[0, 1)`, the multiplicative input noise amplitude.
+        noisy_gating: bool, add learned Gaussian noise to the logits.
         kernel_initializer: initializer of the `[d, E]` kernel.
+        seed: optional int, seeds the jitter and gating noise.
         **kwargs: base `keras.layers.Layer` arguments.
 
     Call arguments:
         inputs: `[..., d]` tokens.
+        training: bool, turns on jitter and gating noise.
 
     Returns:
         A `RouterOutput` of tensors with the leading dimensions of `inputs`.
@@ -56,56 +123,209 @@ class TopKRouter(keras.layers.Layer):
     >>> routing = router(np.random.normal(size=(5, 16)).astype("float32"))
     >>> tuple(routing.expert_ids.shape), tuple(routing.expert_weights.shape)
     ((5, 2), (5, 2))
+
+    DeepSeek-V3-style routing: sigmoid scores, 4 groups of which 2 are used,
+    bias balancing.
+
+    >>> router = TopKRouter(
+    ...     num_experts=16, top_k=4, score_function="sigmoid",
+    ...     expert_groups=4, top_groups=2, bias_update_rate=0.001,
+    ...     routed_scaling_factor=2.5, dtype="float32")
+    >>> routing = router(np.random.normal(size=(5, 16)).astype("float32"))
+    >>> groups = np.asarray(routing.expert_ids) // 4
+    >>> all(len(set(row)) <= 2 for row in groups.tolist())
+    True
     """
 
     def __init__(
         self,
         num_experts,
         top_k=2,
+        *,
+        score_function="softmax",
         normalize_top_k=True,
+        routed_scaling_factor=1.0,
+        expert_groups=1,
+        top_groups=1,
+        bias_update_rate=0.0,
+        jitter=0.0,
+        noisy_gating=False,
         kernel_initializer="glorot_uniform",
+        seed=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.num_experts = check_int("num_experts", num_experts, min_value=1)
-        self.top_k = check_int(
-            "top_k", top_k, min_value=1, max_value=self.num_experts
+        self.score_function = check_choice(
+            "score_function", score_function, SCORE_FUNCTIONS
         )
         self.normalize_top_k = check_bool("normalize_top_k", normalize_top_k)
+        self.routed_scaling_factor = check_float(
+            "routed_scaling_factor", routed_scaling_factor, positive=True
+        )
+        self.expert_groups = check_int(
+            "expert_groups", expert_groups, min_value=1, max_value=num_experts
+        )
+        if num_experts % self.expert_groups:
+            raise ValueError(
+                "`expert_groups` must divide `num_experts` "
+                f"({num_experts}). Received: expert_groups={expert_groups}"
+            )
+        self.top_groups = check_int(
+            "top_groups", top_groups, min_value=1, max_value=self.expert_groups
+        )
+        eligible_experts = self.top_groups * (num_experts // self.expert_groups)
+        self.top_k = check_int(
+            "top_k", top_k, min_value=1, max_value=eligible_experts
+        )
+        self.bias_update_rate = check_float("bias_update_rate", bias_update_rate)
+        self.jitter = check_float("jitter", jitter)
+        if self.jitter >= 1.0:
+            raise ValueError(
+                f"`jitter` must be in [0, 1). Received: jitter={jitter!r}"
+            )
+        self.noisy_gating = check_bool("noisy_gating", noisy_gating)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.seed = seed
+        if self.jitter > 0 or self.noisy_gating:
+            self.seed_generator = keras.random.SeedGenerator(seed)
 
     def build(self, input_shape):
+        hidden_dim = input_shape[-1]
         self.kernel = self.add_weight(
             name="kernel",
-            shape=(input_shape[-1], self.num_experts),
+            shape=(hidden_dim, self.num_experts),
             initializer=self.kernel_initializer,
         )
-
-    def call(self, inputs):
-        router_logits = ops.matmul(inputs, self.kernel)
-        router_probs = ops.softmax(router_logits, axis=-1)
-        expert_weights, expert_ids = ops.top_k(router_probs, self.top_k)
-        if self.normalize_top_k:
-            expert_weights = expert_weights / ops.sum(
-                expert_weights, axis=-1, keepdims=True
+        if self.noisy_gating:
+            # Zero init (Shazeer et al.): the noise starts at softplus(0).
+            self.noise_kernel = self.add_weight(
+                name="noise_kernel",
+                shape=(hidden_dim, self.num_experts),
+                initializer="zeros",
             )
-        return RouterOutput(
-            expert_ids=ops.cast(expert_ids, "int32"),
-            expert_weights=expert_weights,
-            router_logits=router_logits,
-            router_probs=router_probs,
+        if self.bias_update_rate > 0:
+            self.expert_bias = self.add_weight(
+                name="expert_bias",
+                shape=(self.num_experts,),
+                initializer="zeros",
+                trainable=False,
+            )
+
+    def score(self, inputs, training=None):
+        """Logits and scores of every expert for every token.
+
+        Args:
+            inputs: `[..., d]` tokens.
+            training: bool, turns on jitter and gating noise.
+
+        Returns:
+            A `RouterScores`.
+        """
+        if training and self.jitter > 0:
+            inputs = inputs * keras.random.uniform(
+                ops.shape(inputs),
+                minval=1.0 - self.jitter,
+                maxval=1.0 + self.jitter,
+                dtype=inputs.dtype,
+                seed=self.seed_generator,
+            )
+        router_logits = ops.matmul(inputs, self.kernel)
+        if training and self.noisy_gating:
+            noise_std = ops.softplus(ops.matmul(inputs, self.noise_kernel))
+            router_logits = router_logits + noise_std * keras.random.normal(
+                ops.shape(router_logits),
+                dtype=router_logits.dtype,
+                seed=self.seed_generator,
+            )
+        if self.score_function == "softmax":
+            scores = ops.softmax(router_logits, axis=-1)
+            router_probs = scores
+        else:
+            scores = ops.sigmoid(router_logits)
+            router_probs = scores / ops.sum(scores, axis=-1, keepdims=True)
+        return RouterScores(router_logits, scores, router_probs)
+
+    def select(self, scores):
+        """The `top_k` experts of each token and their combine weights.
+
+        Args:
+            scores: float `[..., E]`, from `score`.
+
+        Returns:
+            `(expert_ids, expert_weights)`, int32 and float `[..., k]`.
+        """
+        selection_scores = scores
+        if self.bias_update_rate > 0:
+            selection_scores = scores + ops.cast(self.expert_bias, scores.dtype)
+        if self.top_groups < self.expert_groups:
+            selection_scores = self._restrict_to_top_groups(selection_scores)
+        _, expert_ids = ops.top_k(selection_scores, self.top_k)
+        expert_ids = ops.cast(expert_ids, "int32")
+        # Weights come from the unbiased scores, whatever chose the experts.
+        expert_weights = ops.take_along_axis(scores, expert_ids, axis=-1)
+        if self.normalize_top_k:
+            expert_weights = expert_weights / ops.maximum(
+                ops.sum(expert_weights, axis=-1, keepdims=True), 1e-20
+            )
+        if self.routed_scaling_factor != 1.0:
+            expert_weights = expert_weights * self.routed_scaling_factor
+        return expert_ids, expert_weights
+
+    def _restrict_to_top_groups(self, selection_scores):
+        """Set the scores of experts outside each token's best groups to -inf."""
+        experts_per_group = self.num_experts // self.expert_groups
+        leading_shape = tuple(ops.shape(selection_scores)[:-1])
+        grouped = ops.reshape(
+            selection_scores,
+            leading_shape + (self.expert_groups, experts_per_group),
+        )
+        best_in_group, _ = ops.top_k(grouped, min(2, experts_per_group))
+        group_scores = ops.sum(best_in_group, axis=-1)
+        _, top_group_ids = ops.top_k(group_scores, self.top_groups)
+        group_kept = ops.sum(
+            ops.one_hot(top_group_ids, self.expert_groups, dtype="int32"),
+            axis=-2,
+        )
+        expert_kept = ops.repeat(group_kept > 0, experts_per_group, axis=-1)
+        return ops.where(
+            expert_kept,
+            selection_scores,
+            ops.full((), float("-inf"), selection_scores.dtype),
         )
 
-    def compute_output_spec(self, inputs):
-        leading = tuple(inputs.shape[:-1])
-        choice_shape = leading + (self.top_k,)
-        expert_shape = leading + (self.num_experts,)
-        dtype = self.compute_dtype
+    def call(self, inputs, training=None):
+        router_scores = self.score(inputs, training=training)
+        expert_ids, expert_weights = self.select(router_scores.scores)
         return RouterOutput(
-            expert_ids=keras.KerasTensor(choice_shape, "int32"),
-            expert_weights=keras.KerasTensor(choice_shape, dtype),
-            router_logits=keras.KerasTensor(expert_shape, dtype),
-            router_probs=keras.KerasTensor(expert_shape, dtype),
+            expert_ids=expert_ids,
+            expert_weights=expert_weights,
+            router_logits=router_scores.router_logits,
+            router_probs=router_scores.router_probs,
+        )
+
+    def update_bias(self, expert_counts):
+        """One step of aux-loss-free balancing from this step's routing.
+
+        `b_i += bias_update_rate * sign(mean_load - load_i)`: experts that got
+        fewer choices than average become more attractive.
+
+        Args:
+            expert_counts: int `[..., E]`, choices routed to each expert
+                (padding excluded), summed over any leading axes.
+        """
+        counts = ops.cast(expert_counts, self.expert_bias.dtype)
+        counts = ops.sum(ops.reshape(counts, (-1, self.num_experts)), axis=0)
+        step = ops.sign(ops.mean(counts) - counts) * self.bias_update_rate
+        self.expert_bias.assign(self.expert_bias + step)
+
+    @property
+    def choices_per_token(self):
+        return self.top_k
+
+    def compute_output_spec(self, inputs, training=None):
+        return router_output_spec(
+            inputs, self.top_k, self.num_experts, self.compute_dtype
         )
 
     def get_config(self):
@@ -114,10 +334,18 @@ class TopKRouter(keras.layers.Layer):
             {
                 "num_experts": self.num_experts,
                 "top_k": self.top_k,
+                "score_function": self.score_function,
                 "normalize_top_k": self.normalize_top_k,
+                "routed_scaling_factor": self.routed_scaling_factor,
+                "expert_groups": self.expert_groups,
+                "top_groups": self.top_groups,
+                "bias_update_rate": self.bias_update_rate,
+                "jitter": self.jitter,
+                "noisy_gating": self.noisy_gating,
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
                 ),
+                "seed": self.seed,
             }
         )
         return config

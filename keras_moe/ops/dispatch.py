@@ -297,3 +297,86 @@ def combine(expert_outputs, plan, expert_weights):
     for rank in range(1, picked.shape[1]):
         outputs = outputs + picked[:, rank] * weights[:, rank]
     return outputs
+
+
+def compute_expert_choice_plan(router_probs, capacity, token_mask=None):
+    """Expert choice routing (Zhou et al. 2022): each expert takes its top tokens.
+
+    Every expert fills its `C` slots with the `C` tokens that give it the
+    highest router probability, so loads are perfectly balanced by
+    construction; a token may be taken by several experts or by none. Padding
+    tokens (where `token_mask` is False) are taken only when an expert has
+    fewer than `C` real tokens to choose from, and then fill no slot.
+
+    Args:
+        router_probs: float `[G, T, E]`, each token's probability per expert.
+        capacity: int, slots per expert `C` (at most `T`).
+        token_mask: optional bool `[G, T]`, False for padding.
+
+    Returns:
+        `(plan, slot_weights)`: a `DispatchPlan` whose choice fields are
+        `None` (tokens are not choosing), and float `[G, E, C]`, the router
+        probability of each slot's token, its combine weight.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras import ops
+    >>> probs = np.array([[[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]]], "float32")
+    >>> plan, weights = compute_expert_choice_plan(probs, capacity=2)
+    >>> ops.convert_to_numpy(plan.slot_tokens)[0].tolist()
+    [[0, 1], [2, 1]]
+    """
+    affinity = ops.transpose(router_probs, (0, 2, 1))  # [G, E, T]
+    if token_mask is not None:
+        # Probabilities are >= 0, so padding ranks below every real token.
+        affinity = ops.where(
+            ops.expand_dims(token_mask, 1),
+            affinity,
+            ops.full((), -1.0, affinity.dtype),
+        )
+    slot_weights, slot_tokens = ops.top_k(affinity, capacity)
+    slot_tokens = ops.cast(slot_tokens, "int32")
+    slot_filled = slot_weights >= 0
+    slot_weights = ops.where(slot_filled, slot_weights, 0.0)
+    plan = DispatchPlan(
+        slot_tokens=slot_tokens,
+        slot_filled=slot_filled,
+        choice_slots=None,
+        choice_kept=None,
+        expert_counts=ops.sum(ops.cast(slot_filled, "int32"), axis=-1),
+    )
+    return plan, slot_weights
+
+
+def combine_slots(expert_outputs, plan, slot_weights, num_tokens):
+    """Scatter-add weighted expert outputs back to the tokens in their slots.
+
+    The combine for routings where experts choose tokens: a token receives
+    `sum over the slots holding it of weight * expert_output`, and nothing
+    when no expert took it.
+
+    Args:
+        expert_outputs: `[G, E, C, d]`.
+        plan: the `DispatchPlan` the buffers were made with.
+        slot_weights: float `[G, E, C]`, the combine weight of each slot.
+        num_tokens: int, `T`, tokens per group.
+
+    Returns:
+        `[G, T, d]`, in the dtype of `expert_outputs`.
+    """
+    num_groups = ops.shape(expert_outputs)[0]
+    hidden_dim = expert_outputs.shape[-1]
+    weights = ops.where(plan.slot_filled, slot_weights, 0.0)
+    weighted = expert_outputs * ops.expand_dims(
+        ops.cast(weights, expert_outputs.dtype), -1
+    )
+    group_offsets = ops.reshape(
+        ops.arange(num_groups, dtype="int32") * num_tokens, (-1, 1, 1)
+    )
+    outputs = ops.segment_sum(
+        ops.reshape(weighted, (-1, hidden_dim)),
+        ops.reshape(plan.slot_tokens + group_offsets, (-1,)),
+        num_segments=num_groups * num_tokens,
+    )
+    return ops.reshape(outputs, (num_groups, num_tokens, hidden_dim))

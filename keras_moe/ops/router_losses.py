@@ -68,3 +68,39 @@ def router_z_loss(router_logits, token_mask=None):
     log_z = ops.logsumexp(logits, axis=-1)
     mask = None if token_mask is None else ops.reshape(token_mask, (-1,))
     return _masked_mean(ops.square(log_z), mask)
+
+
+def sequence_load_balancing_loss(router_probs, expert_ids, token_mask=None):
+    """DeepSeek-V3's sequence-wise balance loss, `E * sum_i f_i * P_i` per sequence.
+
+    The Switch loss computed inside each sequence and averaged over
+    sequences: it keeps any single sequence from crowding onto a few experts,
+    which the batch-wide loss allows. `f_i` is the fraction of the sequence's
+    routed choices that go to expert `i`, `P_i` its mean probability over the
+    sequence's real tokens. Sequences with no real token count for nothing.
+
+    Args:
+        router_probs: float `[S, T, E]`, per-token distributions (normalised
+            scores for sigmoid routers).
+        expert_ids: int `[S, T, k]`, the chosen experts.
+        token_mask: optional bool `[S, T]`, False for padding.
+
+    Returns:
+        A float32 scalar.
+    """
+    num_experts = router_probs.shape[-1]
+    probs = ops.cast(router_probs, "float32")
+    if token_mask is None:
+        token_mask = ops.ones(ops.shape(probs)[:2], "bool")
+    real = ops.cast(token_mask, "float32")  # [S, T]
+    # [S, T, k, E] one-hot summed over choices and tokens: the sequence's
+    # routed choices per expert.
+    choices = ops.sum(ops.one_hot(expert_ids, num_experts, dtype="float32"), axis=2)
+    counts = ops.sum(choices * ops.expand_dims(real, -1), axis=1)  # [S, E]
+    load = counts / ops.maximum(ops.sum(counts, axis=-1, keepdims=True), 1.0)
+    importance = _masked_mean(probs, token_mask, axis=1)  # [S, E]
+    per_sequence = num_experts * ops.sum(load * importance, axis=-1)
+    has_tokens = ops.cast(ops.sum(real, axis=-1) > 0, "float32")
+    return ops.sum(per_sequence * has_tokens) / ops.maximum(
+        ops.sum(has_tokens), 1.0
+    )

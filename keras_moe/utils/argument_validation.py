@@ -47,3 +47,13 @@ def check_bool(name, value):
             f"`{name}` must be True or False. Received: {name}={value!r}"
         )
     return value
+
+
+def check_choice(name, value, allowed):
+    """Return `value` if it is one of the strings in `allowed`, or raise."""
+    if not isinstance(value, str) or value not in allowed:
+        options = ", ".join(repr(option) for option in allowed)
+        raise ValueError(
+            f"`{name}` must be one of {options}. Received: {name}={value!r}"
+        )
+    return value

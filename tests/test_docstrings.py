@@ -15,6 +15,10 @@ MODULES_WITH_EXAMPLES = {
     "keras_moe.layers.sparse_moe",
     "keras_moe.layers.top_k_router",
     "keras_moe.ops.dispatch",
+    "keras_moe.presets.loading",
+    "keras_moe.presets.memory",
+    "keras_moe.presets.parameter_count",
+    "keras_moe.presets.preset_registry",
 }
 
 

@@ -1,0 +1,259 @@
+"""`load`: a ready-to-fit `MoECausalLM` from a preset name or directory."""
+
+import difflib
+import inspect
+import json
+import os
+from pathlib import Path
+
+from keras_moe.presets.memory import check_fits_in_memory
+from keras_moe.presets.parameter_count import count_params
+from keras_moe.presets.preset_registry import info
+from keras_moe.presets.preset_registry import names
+
+# Files a keras-hub preset directory needs: the backbone config, and its
+# weights in one file or sharded (an index plus the shards it lists).
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.weights.h5"
+SHARDED_WEIGHTS_FILE = "model.weights.json"
+# Keys that mark a `config.json` written by Hugging Face `transformers`.
+HUGGING_FACE_KEYS = ("model_type", "architectures")
+
+
+def load(name_or_dir, preprocessor="default", *, check_memory=True, **overrides):
+    """Build a `MoECausalLM` from a preset name or a saved preset directory.
+
+    A name builds a fresh, randomly initialised model with the preset's
+    config (`config(name)`), changed by `overrides`. A directory holds a
+    model saved with `model.save_to_preset(directory)` and comes back with
+    its weights.
+
+    Before building, the weights' size in the chosen dtype is compared with
+    the memory this machine has available: a model that cannot fit raises
+    `PresetTooLargeError` (a `MemoryError`) at once, saying how many GiB it
+    needs and how to shard it, instead of running out of memory halfway.
+
+    Args:
+        name_or_dir: a preset name (see `names()`), or the path of a
+            directory written by `save_to_preset`.
+        preprocessor: `"default"` attaches the preset's preprocessor: the
+            byte-level `MoECausalLMPreprocessor` (with the preset's training
+            `sequence_length`) for presets that ship the byte tokenizer, the
+            saved one for a directory, none for full-size presets (their
+            tokenizers come with checkpoint conversion). `None` gives a model
+            that takes token ids: `{"token_ids", "padding_mask"}`. A
+            preprocessor instance is attached as it is.
+        check_memory: bool, whether to refuse models whose weights do not
+            fit in the available memory. Defaults to True.
+        **overrides: `MoEBackbone` config entries replacing the preset's,
+            e.g. `num_layers=2` or `dtype="bfloat16"`. A `moe_options` dict
+            is merged into the preset's options. For a directory only
+            `dtype` can be given.
+
+    Returns:
+        A `keras_moe.models.MoECausalLM`, not compiled.
+
+    Raises:
+        ValueError: for an unknown preset name (the message lists the close
+            matches) or an override that is not a `MoEBackbone` argument
+            (the message names it).
+        FileNotFoundError: for a directory that lacks files `load` needs
+            (the message names them).
+        NotImplementedError: for a Hugging Face checkpoint directory.
+        PresetTooLargeError: if the weights cannot fit in memory.
+
+    Example:
+
+    >>> from keras_moe import presets
+    >>> model = presets.load("mixtral_small", num_layers=1)
+    >>> output = model.generate("def ", max_length=12)
+    >>> isinstance(output, str)
+    True
+    >>> model = presets.load("mixtral_small", preprocessor=None, num_layers=1)
+    >>> model.preprocessor is None
+    True
+    """
+    if not isinstance(check_memory, bool):
+        raise ValueError(
+            "`check_memory` must be True or False. "
+            f"Received: check_memory={check_memory!r}"
+        )
+    _check_preprocessor_argument(preprocessor)
+    if isinstance(name_or_dir, os.PathLike) or (
+        isinstance(name_or_dir, str) and name_or_dir not in names()
+        and _looks_like_path(name_or_dir)
+    ):
+        return _load_directory(
+            Path(name_or_dir), preprocessor, check_memory, overrides
+        )
+    return _load_preset(name_or_dir, preprocessor, check_memory, overrides)
+
+
+def _check_preprocessor_argument(preprocessor):
+    if isinstance(preprocessor, str) and preprocessor != "default":
+        raise ValueError(
+            "`preprocessor` must be 'default', None or a preprocessor. "
+            f"Received: preprocessor={preprocessor!r}"
+        )
+
+
+def _looks_like_path(text):
+    return os.sep in text or "/" in text or os.path.exists(text)
+
+
+def _load_preset(name, preprocessor, check_memory, overrides):
+    from keras_moe import models
+
+    record = info(name)
+    backbone_config = _apply_overrides(record, overrides, models.MoEBackbone)
+    if check_memory:
+        check_fits_in_memory(
+            f"Preset {name!r}",
+            count_params(backbone_config)["total"],
+            backbone_config.get("dtype"),
+        )
+    backbone = models.MoEBackbone(**backbone_config)
+    if isinstance(preprocessor, str):  # "default"
+        preprocessor = None
+        if record.get("tokenizer") == "byte":
+            preprocessor = models.MoECausalLMPreprocessor(
+                tokenizer=models.MoETokenizer(),
+                sequence_length=record.get("training", {}).get(
+                    "sequence_length", 1024
+                ),
+            )
+    return models.MoECausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
+def _accepted_keys(backbone_class, preset_config):
+    signature = inspect.signature(backbone_class.__init__)
+    keys = {
+        name
+        for name, parameter in signature.parameters.items()
+        if name != "self" and parameter.kind is not parameter.VAR_KEYWORD
+    }
+    # `dtype` and `name` reach keras-hub's `Backbone` through `**kwargs`.
+    return keys | set(preset_config) | {"dtype", "name"}
+
+
+def _apply_overrides(record, overrides, backbone_class):
+    backbone_config = dict(record["backbone"])
+    accepted = _accepted_keys(backbone_class, backbone_config)
+    unknown = [key for key in overrides if key not in accepted]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(accepted), n=2)
+            if close:
+                hints.append(f"{key!r}: did you mean {' or '.join(map(repr, close))}?")
+        raise ValueError(
+            f"Unknown override{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))} for preset {record['name']!r}: "
+            "overrides must be `MoEBackbone` config keys. "
+            + (" ".join(hints) + " " if hints else "")
+            + f"Accepted keys: {', '.join(sorted(accepted))}."
+        )
+    for key, value in overrides.items():
+        if key == "moe_options" and value is not None:
+            if not isinstance(value, dict):
+                raise ValueError(
+                    "`moe_options` must be a dict or None. "
+                    f"Received: moe_options={value!r}"
+                )
+            value = {**(backbone_config.get("moe_options") or {}), **value}
+        backbone_config[key] = value
+    return backbone_config
+
+
+def _load_directory(directory, preprocessor, check_memory, overrides):
+    from keras_moe import models
+
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"{str(directory)!r} is neither a preset name nor an existing "
+            f"directory. Preset names: {', '.join(names())}."
+        )
+    unknown = [key for key in overrides if key != "dtype"]
+    if unknown:
+        raise ValueError(
+            f"Overrides {', '.join(map(repr, unknown))} cannot be applied to "
+            f"the saved preset {str(directory)!r}: its weights fix the "
+            "architecture. Only `dtype` can be given when loading a directory."
+        )
+    saved_config = _read_directory_config(directory)
+    if check_memory:
+        check_fits_in_memory(
+            f"The preset in {str(directory)!r}",
+            count_params(saved_config)["total"],
+            overrides.get("dtype", saved_config["config"].get("dtype")),
+        )
+    kwargs = dict(overrides)
+    if not isinstance(preprocessor, str):  # Not "default": None or given.
+        kwargs["preprocessor"] = preprocessor
+    return models.MoECausalLM.from_preset(str(directory), **kwargs)
+
+
+def _read_directory_config(directory):
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"The preset directory {str(directory)!r} is missing "
+            f"{_quoted([CONFIG_FILE])}. A preset directory "
+            "is written by `model.save_to_preset(directory)`. Found: "
+            f"{_listing(directory)}."
+        )
+    with open(config_path, encoding="utf-8") as file:
+        try:
+            saved_config = json.load(file)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_path} is not valid JSON: {error}")
+    if isinstance(saved_config, dict) and any(
+        key in saved_config for key in HUGGING_FACE_KEYS
+    ):
+        model_type = saved_config.get("model_type", "unknown")
+        raise NotImplementedError(
+            f"{str(directory)!r} holds a Hugging Face checkpoint "
+            f"(model_type={model_type!r}); loading those is not supported "
+            "yet: it needs a checkpoint converter. `load` reads preset "
+            "directories written by `model.save_to_preset(directory)`."
+        )
+    if not (
+        isinstance(saved_config, dict)
+        and isinstance(saved_config.get("config"), dict)
+        and "class_name" in saved_config
+    ):
+        raise ValueError(
+            f"{config_path} is not a keras-hub preset config (a serialized "
+            "`MoEBackbone` with `class_name` and `config`). A preset directory "
+            "is written by `model.save_to_preset(directory)`."
+        )
+    missing = _missing_weight_files(directory)
+    if missing:
+        raise FileNotFoundError(
+            f"The preset directory {str(directory)!r} is missing "
+            f"{_quoted(missing)}: the backbone weights that "
+            f"{CONFIG_FILE} describes. Found: {_listing(directory)}."
+        )
+    return saved_config
+
+
+def _missing_weight_files(directory):
+    if (directory / WEIGHTS_FILE).is_file():
+        return []
+    index_path = directory / SHARDED_WEIGHTS_FILE
+    if not index_path.is_file():
+        return [WEIGHTS_FILE]
+    # Sharded weights: every shard the index maps a weight to must exist.
+    with open(index_path, encoding="utf-8") as file:
+        index = json.load(file)
+    shards = sorted(set((index.get("weight_map") or {}).values()))
+    return [shard for shard in shards if not (directory / shard).is_file()]
+
+
+def _quoted(files):
+    return ", ".join(f"`{name}`" for name in files)
+
+
+def _listing(directory):
+    entries = sorted(path.name for path in directory.iterdir())
+    return ", ".join(entries) if entries else "nothing (the directory is empty)"

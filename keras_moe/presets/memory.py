@@ -1,0 +1,164 @@
+"""Refusing to build a model that cannot fit in this machine's memory."""
+
+import os
+import re
+
+import keras
+
+GIB = 1024**3
+
+
+class PresetTooLargeError(MemoryError):
+    """A model's weights do not fit in the memory available to build it.
+
+    Raised by `keras_moe.presets.load` before anything is allocated, instead
+    of letting the process run out of memory halfway through building. It is
+    a `MemoryError`, so code that already handles running out of memory
+    handles it too. The message says how much memory the weights need in the
+    requested dtype and how to make them fit.
+
+    Attributes:
+        needed_bytes: int, the bytes of the weights.
+        available_bytes: int, the memory available when `load` was called.
+    """
+
+    def __init__(self, message, needed_bytes, available_bytes):
+        super().__init__(message)
+        self.needed_bytes = needed_bytes
+        self.available_bytes = available_bytes
+
+
+def available_memory_bytes():
+    """Memory that new allocations can use now, in bytes, or None if unknown.
+
+    Reads `MemAvailable` from `/proc/meminfo` (Linux: free memory plus what
+    the kernel can reclaim), else the free physical pages from `os.sysconf`.
+
+    Returns:
+        An int, or None where neither source exists.
+
+    Example:
+
+    >>> from keras_moe.presets import available_memory_bytes
+    >>> available = available_memory_bytes()
+    >>> available is None or available > 0
+    True
+    """
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # Reported in kB.
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def weight_dtype(dtype=None):
+    """The dtype weights are stored in under a dtype (policy) setting.
+
+    Args:
+        dtype: None (the global Keras dtype policy), a dtype or policy name
+            (`"bfloat16"`, `"mixed_bfloat16"`, ...), a `keras.DTypePolicy`
+            or its serialized dict.
+
+    Returns:
+        The variable dtype name: `"mixed_bfloat16"` keeps float32 weights.
+
+    Example:
+
+    >>> from keras_moe.presets import weight_dtype
+    >>> weight_dtype("bfloat16"), weight_dtype("mixed_bfloat16")
+    ('bfloat16', 'float32')
+    """
+    if dtype is None:
+        policy = keras.config.dtype_policy()
+    else:
+        policy = keras.dtype_policies.get(dtype)
+    return keras.backend.standardize_dtype(policy.variable_dtype)
+
+
+def bytes_per_parameter(dtype):
+    """Bytes one weight takes in a (variable) dtype.
+
+    Args:
+        dtype: str, a dtype name ending in its bit width (`"bfloat16"`).
+
+    Returns:
+        An int.
+
+    Example:
+
+    >>> from keras_moe.presets.memory import bytes_per_parameter
+    >>> bytes_per_parameter("float32"), bytes_per_parameter("bfloat16")
+    (4, 2)
+    """
+    bits = re.search(r"(\d+)$", dtype)
+    if not bits:
+        raise ValueError(f"Cannot tell the size of dtype {dtype!r}.")
+    return max(int(bits.group(1)) // 8, 1)
+
+
+def check_fits_in_memory(description, total_params, dtype=None):
+    """Raise `PresetTooLargeError` if the weights cannot fit in memory.
+
+    The need counted is the weights alone, `total_params` times the bytes
+    of the weight dtype: enough to build the model and run inference.
+    Training with Adam holds about four times that (weights, gradients and
+    two moments), so a model that passes here may still not train.
+
+    No check is made when the available memory is unknown, or when a
+    `keras.distribution` is set: the weights are then spread over the
+    distribution's devices, whose memory this function does not see.
+
+    Args:
+        description: str naming the model in the message, e.g.
+            `"Preset 'deepseek_v3'"`.
+        total_params: int, the model's parameter count.
+        dtype: the backbone's `dtype` setting (None: the Keras default).
+
+    Raises:
+        PresetTooLargeError: with the bytes needed and the ways to shard
+            or shrink the model.
+
+    Example:
+
+    >>> from keras_moe.presets import PresetTooLargeError, check_fits_in_memory
+    >>> check_fits_in_memory("A small model", 1_000_000)  # Fits: no error.
+    >>> try:
+    ...     check_fits_in_memory("A huge model", 10**15, dtype="bfloat16")
+    ... except PresetTooLargeError as error:
+    ...     print(error.needed_bytes)
+    2000000000000000
+    """
+    if keras.distribution.distribution() is not None:
+        return
+    available = available_memory_bytes()
+    if available is None:
+        return
+    stored_as = weight_dtype(dtype)
+    needed = total_params * bytes_per_parameter(stored_as)
+    if needed <= available:
+        return
+    half_precision = total_params * 2
+    raise PresetTooLargeError(
+        f"{description} has {total_params:,} parameters: its weights need "
+        f"{needed / GIB:,.1f} GiB ({needed:,} bytes) in {stored_as}, but this "
+        f"machine has {available / GIB:,.1f} GiB of memory available. "
+        "Building it would run out of memory. To make it fit: "
+        f"(1) load it in half precision, `dtype=\"bfloat16\"` "
+        f"({half_precision / GIB:,.1f} GiB), if that is enough; "
+        "(2) shard it over several devices: set a model-parallel "
+        "distribution before loading, e.g. "
+        "`keras.distribution.set_distribution(keras.distribution."
+        "ModelParallel(layout_map=keras_moe.distribution.get_layout_map("
+        "device_mesh)))` with a `keras.distribution.DeviceMesh` whose devices "
+        f"hold {needed / GIB:,.1f} GiB together (JAX backend); "
+        "(3) use a machine with more memory, or more devices. "
+        "Training with Adam needs about 4x the weights' memory.",
+        needed_bytes=needed,
+        available_bytes=available,
+    )

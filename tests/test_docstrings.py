@@ -12,6 +12,7 @@ import keras_moe
 # Modules whose public classes and functions must show a runnable example.
 MODULES_WITH_EXAMPLES = {
     "keras_moe.layers.experts",
+    "keras_moe.layers.soft_moe",
     "keras_moe.layers.sparse_moe",
     "keras_moe.layers.top_k_router",
     "keras_moe.ops.dispatch",

@@ -5,6 +5,7 @@ from keras_moe.layers.top_k_router import RouterOutput
 from keras_moe.layers.top_k_router import router_output_spec
 from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_int
+from keras_moe.utils.backend_utils import stable_top_k
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -94,10 +95,10 @@ class HierarchicalRouter(keras.layers.Layer):
         )
 
     def _top_k(self, probs, k):
-        weights, ids = ops.top_k(probs, k)
+        weights, ids = stable_top_k(probs, k)
         if self.normalize_top_k:
             weights = weights / ops.sum(weights, axis=-1, keepdims=True)
-        return weights, ops.cast(ids, "int32")
+        return weights, ids
 
     def call(self, inputs):
         group_logits = ops.matmul(inputs, self.group_kernel)  # [..., G]

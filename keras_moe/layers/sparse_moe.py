@@ -254,9 +254,9 @@ class SparseMoE(keras.layers.Layer):
         for name in ("capacity_factor", "eval_capacity_factor"):
             if getattr(self, name) is None:
                 raise ValueError(
-                    f"`routing='expert_choice'` needs a `{name}`: it sets how "
-                    "many tokens each expert takes. Received: "
-                    f"{name}=None"
+                    f"`routing='expert_choice'` needs `{name}` to be a "
+                    "positive number: it sets how many tokens each expert "
+                    f"takes. Received: {name}=None"
                 )
         if expert_groups != 1 or bias_update_rate:
             raise ValueError(

@@ -7,6 +7,7 @@ from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_choice
 from keras_moe.utils.argument_validation import check_float
 from keras_moe.utils.argument_validation import check_int
+from keras_moe.utils.backend_utils import stable_top_k
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
@@ -174,10 +175,16 @@ class TopKRouter(keras.layers.Layer):
         self.top_groups = check_int(
             "top_groups", top_groups, min_value=1, max_value=self.expert_groups
         )
+        self.top_k = check_int("top_k", top_k, min_value=1)
         eligible_experts = self.top_groups * (num_experts // self.expert_groups)
-        self.top_k = check_int(
-            "top_k", top_k, min_value=1, max_value=eligible_experts
-        )
+        if self.top_k > eligible_experts:
+            raise ValueError(
+                "`top_k` must be at most the number of experts a token can "
+                f"reach: {eligible_experts} (`top_groups` groups of "
+                "`num_experts // expert_groups` experts). Received: "
+                f"top_k={top_k}, num_experts={num_experts}, "
+                f"expert_groups={expert_groups}, top_groups={top_groups}"
+            )
         self.bias_update_rate = check_float("bias_update_rate", bias_update_rate)
         self.jitter = check_float("jitter", jitter)
         if self.jitter >= 1.0:
@@ -260,8 +267,7 @@ class TopKRouter(keras.layers.Layer):
             selection_scores = scores + ops.cast(self.expert_bias, scores.dtype)
         if self.top_groups < self.expert_groups:
             selection_scores = self._restrict_to_top_groups(selection_scores)
-        _, expert_ids = ops.top_k(selection_scores, self.top_k)
-        expert_ids = ops.cast(expert_ids, "int32")
+        _, expert_ids = stable_top_k(selection_scores, self.top_k)
         # Weights come from the unbiased scores, whatever chose the experts.
         expert_weights = ops.take_along_axis(scores, expert_ids, axis=-1)
         if self.normalize_top_k:
@@ -282,7 +288,7 @@ class TopKRouter(keras.layers.Layer):
         )
         best_in_group, _ = ops.top_k(grouped, min(2, experts_per_group))
         group_scores = ops.sum(best_in_group, axis=-1)
-        _, top_group_ids = ops.top_k(group_scores, self.top_groups)
+        _, top_group_ids = stable_top_k(group_scores, self.top_groups)
         group_kept = ops.sum(
             ops.one_hot(top_group_ids, self.expert_groups, dtype="int32"),
             axis=-2,

@@ -23,6 +23,7 @@ from typing import NamedTuple
 from keras import ops
 
 from keras_moe.utils.backend_utils import data_dependent_shapes_allowed
+from keras_moe.utils.backend_utils import stable_top_k
 
 
 class DispatchPlan(NamedTuple):
@@ -335,8 +336,7 @@ def compute_expert_choice_plan(router_probs, capacity, token_mask=None):
             affinity,
             ops.full((), -1.0, affinity.dtype),
         )
-    slot_weights, slot_tokens = ops.top_k(affinity, capacity)
-    slot_tokens = ops.cast(slot_tokens, "int32")
+    slot_weights, slot_tokens = stable_top_k(affinity, capacity)
     slot_filled = slot_weights >= 0
     slot_weights = ops.where(slot_filled, slot_weights, 0.0)
     plan = DispatchPlan(

@@ -1,0 +1,303 @@
+from typing import NamedTuple
+
+import keras
+from keras import ops
+
+from keras_moe.layers.experts import Experts
+from keras_moe.layers.sparse_moe import router_dtype_for
+from keras_moe.utils.argument_validation import check_int
+
+# Added under the square root of the L2 normalisation, so that an all-zero
+# vector (a padding token) normalises to zero with finite gradients.
+_L2_EPSILON = 1e-6
+
+# Stands for -inf in the dispatch softmax: finite, so that a sequence whose
+# tokens are all padding gives uniform (then masked to zero) weights, not NaN.
+_MASKED_LOGIT = -1e9
+
+
+class SoftRouting(NamedTuple):
+    """How a `SoftMoE` mixes the tokens of each sequence into slots and back.
+
+    Slots are numbered expert-major: slot `e * slots_per_expert + s` is slot
+    `s` of expert `e`. All tensors are `[batch, tokens, num_slots]` in the
+    router dtype (float32, or float64 under a float64 policy).
+
+    Attributes:
+        router_logits: scaled cosine similarities of tokens and slot
+            parameters.
+        dispatch_weights: softmax over the (real) tokens of a sequence, per
+            slot: each slot's input is a convex mix of tokens. Zero on padding.
+        combine_weights: softmax over all slots, per token: each token's
+            output is a convex mix of slot outputs. Zero on padding.
+    """
+
+    router_logits: object
+    dispatch_weights: object
+    combine_weights: object
+
+
+def _l2_normalize(x, axis):
+    return x * ops.rsqrt(
+        ops.sum(ops.square(x), axis=axis, keepdims=True) + _L2_EPSILON
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class SoftMoE(keras.layers.Layer):
+    """Soft Mixture-of-Experts layer (Puigcerver et al. 2023).
+
+    Instead of routing each token to a few experts, every expert processes a
+    few *slots*, and each slot is a weighted average of all the tokens of a
+    sequence. With `S = slots_per_expert` and `E * S` slots, each slot `n` has
+    a learned parameter vector `phi_n`; the router logits are the cosine
+    similarities of tokens and slot parameters times a learned scalar `scale`
+    (initialised to 1). Dispatch weights are their softmax over the tokens of
+    a sequence (per slot), combine weights their softmax over all slots (per
+    token):
+
+    ```
+    slot_inputs [batch, E, S, d] = dispatch_weights^T @ tokens
+    slot_outputs = Experts(slot_inputs)     # the same bank as SparseMoE
+    outputs [batch, tokens, d]   = combine_weights @ slot_outputs
+    ```
+
+    Nothing is discrete, so there is no token dropping, no load imbalance and
+    no auxiliary loss, and the layer is fully differentiable. The experts
+    process `E * S` slots per sequence whatever the number of tokens; the
+    dispatch and combine einsums cost `O(tokens * E * S * d)`.
+
+    This layer is for encoders only: every slot mixes all the tokens of a
+    sequence, so each token's output depends on every other token of its
+    sequence, including later ones. It cannot be used in a causal decoder.
+
+    Router math (normalisation, logits and both softmaxes) runs in float32
+    (float64 under a float64 policy) whatever the dtype policy; the experts
+    and the two mixing einsums run in the policy's compute dtype. Padding
+    tokens (a Keras mask, or the `mask` call argument) take no part in the
+    dispatch softmax, whatever values they hold, and get a zero output.
+
+    Args:
+        num_experts: int, the number of experts `E`.
+        intermediate_dim: int, the hidden width of each expert.
+        slots_per_expert: int >= 1, the slots `S` each expert processes per
+            sequence. Defaults to 1.
+        activation: the experts' activation. Defaults to `"silu"`.
+        gated: bool, GLU experts (SwiGLU/GeGLU) when True, plain
+            feed-forward experts when False. Defaults to True.
+        use_bias: bool, whether expert projections have biases.
+        kernel_initializer: initializer of the expert kernels.
+        bias_initializer: initializer of the expert biases.
+        slot_initializer: initializer of the slot parameters `slot_kernel`,
+            `[d, E * S]` (column `e * S + s` is slot `s` of expert `e`).
+            Defaults to `"lecun_normal"`.
+        **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: `[batch, tokens, d]`.
+        mask: optional bool `[batch, tokens]`, False for padding tokens.
+            Propagated Keras masks are used automatically.
+
+    Returns:
+        A tensor of the shape of `inputs`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> moe = SoftMoE(num_experts=8, intermediate_dim=64, slots_per_expert=2)
+    >>> x = np.random.normal(size=(2, 10, 32)).astype("float32")
+    >>> tuple(moe(x).shape)
+    (2, 10, 32)
+    >>> routing = moe.compute_routing(x)
+    >>> tuple(routing.dispatch_weights.shape)
+    (2, 10, 16)
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        intermediate_dim,
+        slots_per_expert=1,
+        *,
+        activation="silu",
+        gated=True,
+        use_bias=False,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        slot_initializer="lecun_normal",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_experts = check_int("num_experts", num_experts, min_value=1)
+        self.intermediate_dim = check_int(
+            "intermediate_dim", intermediate_dim, min_value=1
+        )
+        self.slots_per_expert = check_int(
+            "slots_per_expert", slots_per_expert, min_value=1
+        )
+        self.num_slots = self.num_experts * self.slots_per_expert
+        self.slot_initializer = keras.initializers.get(slot_initializer)
+        self.router_dtype = router_dtype_for(self.dtype_policy)
+        self.supports_masking = True
+
+        self.experts = Experts(
+            num_experts=self.num_experts,
+            intermediate_dim=self.intermediate_dim,
+            activation=activation,
+            gated=gated,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            dtype=self.dtype_policy,
+            name="experts",
+        )
+
+    def build(self, input_shape):
+        if len(input_shape) != 3 or input_shape[-1] is None:
+            raise ValueError(
+                f"`{type(self).__name__}` expects inputs of shape [batch, "
+                "tokens, hidden_dim] (rank 3) with a known last dimension. "
+                f"Received: input_shape={tuple(input_shape)}"
+            )
+        self.hidden_dim = int(input_shape[-1])
+        # Router weights stay in the router dtype and are never autocast to
+        # the compute dtype.
+        self.slot_kernel = self.add_weight(
+            name="slot_kernel",
+            shape=(self.hidden_dim, self.num_slots),
+            initializer=self.slot_initializer,
+            dtype=self.router_dtype,
+            autocast=False,
+        )
+        self.scale = self.add_weight(
+            name="scale",
+            shape=(),
+            initializer="ones",
+            dtype=self.router_dtype,
+            autocast=False,
+        )
+        self.experts.build(
+            (None, self.num_experts, self.slots_per_expert, self.hidden_dim)
+        )
+
+    def _check_input_shape(self, shape):
+        if len(shape) != 3 or shape[-1] != self.hidden_dim:
+            raise ValueError(
+                f"`{type(self).__name__}` was built for inputs of shape [batch, "
+                f"tokens, {self.hidden_dim}]; the rank must be 3 and the last "
+                "dimension cannot change after build. Received: "
+                f"inputs.shape={tuple(shape)}"
+            )
+
+    def _token_mask(self, inputs, mask):
+        if mask is None:
+            return None
+        if len(mask.shape) != 2:
+            raise ValueError(
+                f"`{type(self).__name__}` expects `mask` of shape [batch, "
+                f"tokens] for inputs of shape {tuple(inputs.shape)}. "
+                f"Received: mask.shape={tuple(mask.shape)}"
+            )
+        return ops.cast(mask, "bool")
+
+    def _zero_padding(self, inputs, token_mask):
+        # Padding may hold anything (even NaN); zeroing it keeps it out of
+        # every sum over tokens and out of the gradients.
+        if token_mask is None:
+            return inputs
+        return ops.where(
+            ops.expand_dims(token_mask, -1), inputs, ops.zeros((), inputs.dtype)
+        )
+
+    def _routing(self, tokens, token_mask):
+        """`SoftRouting` for tokens whose padding is already zeroed."""
+        tokens = ops.cast(tokens, self.router_dtype)
+        logits = ops.einsum(
+            "btd,dn->btn",
+            _l2_normalize(tokens, axis=-1),
+            _l2_normalize(ops.convert_to_tensor(self.slot_kernel), axis=0),
+        )
+        logits = logits * ops.cast(self.scale, self.router_dtype)
+        if token_mask is None:
+            dispatch_weights = ops.softmax(logits, axis=1)
+            combine_weights = ops.softmax(logits, axis=-1)
+        else:
+            real = ops.expand_dims(token_mask, -1)
+            zeros = ops.zeros((), self.router_dtype)
+            dispatch_weights = ops.softmax(
+                ops.where(real, logits, ops.full((), _MASKED_LOGIT, logits.dtype)),
+                axis=1,
+            )
+            dispatch_weights = ops.where(real, dispatch_weights, zeros)
+            combine_weights = ops.where(
+                real, ops.softmax(logits, axis=-1), zeros
+            )
+        return SoftRouting(
+            router_logits=logits,
+            dispatch_weights=dispatch_weights,
+            combine_weights=combine_weights,
+        )
+
+    def compute_routing(self, inputs, mask=None):
+        """The router's logits, dispatch and combine weights for `inputs`.
+
+        Args:
+            inputs: `[batch, tokens, d]`.
+            mask: optional bool `[batch, tokens]`, False for padding.
+
+        Returns:
+            A `SoftRouting` of `[batch, tokens, E * S]` tensors in the router
+            dtype.
+        """
+        inputs = ops.convert_to_tensor(inputs)
+        if not self.built:
+            self.build(inputs.shape)
+        self._check_input_shape(inputs.shape)
+        token_mask = self._token_mask(inputs, mask)
+        return self._routing(self._zero_padding(inputs, token_mask), token_mask)
+
+    def call(self, inputs, mask=None):
+        self._check_input_shape(inputs.shape)
+        token_mask = self._token_mask(inputs, mask)
+        tokens = self._zero_padding(inputs, token_mask)
+        routing = self._routing(tokens, token_mask)
+
+        dispatch_weights = ops.cast(routing.dispatch_weights, tokens.dtype)
+        slot_inputs = ops.einsum("btn,btd->bnd", dispatch_weights, tokens)
+        slot_inputs = ops.reshape(
+            slot_inputs,
+            (-1, self.num_experts, self.slots_per_expert, self.hidden_dim),
+        )
+        slot_outputs = self.experts(slot_inputs)
+        slot_outputs = ops.reshape(
+            slot_outputs, (-1, self.num_slots, self.hidden_dim)
+        )
+        combine_weights = ops.cast(routing.combine_weights, slot_outputs.dtype)
+        return ops.einsum("btn,bnd->btd", combine_weights, slot_outputs)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        # The expert arguments are stored once, in the expert bank.
+        expert_config = self.experts.get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "intermediate_dim": self.intermediate_dim,
+                "slots_per_expert": self.slots_per_expert,
+                "slot_initializer": keras.initializers.serialize(
+                    self.slot_initializer
+                ),
+            }
+        )
+        for key in (
+            "activation",
+            "gated",
+            "use_bias",
+            "kernel_initializer",
+            "bias_initializer",
+        ):
+            config[key] = expert_config[key]
+        return config

@@ -38,3 +38,23 @@ def test_benchmark_smoke_run_prints_every_ratio():
         "keras-hub E=64 / SparseMoE E=64 cf=1.25",
     ):
         assert ratio in result.stdout, ratio
+
+
+def test_layers_benchmark_smoke_run_prints_every_ratio():
+    backend = keras.backend.backend()
+    script = SCRIPT.parent / "moe_layers_benchmark.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--backends", backend, "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "KERAS_BACKEND": backend},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for ratio in (
+        "expert choice / SparseMoE",
+        "HierarchicalMoE / SparseMoE",
+        "SharedExpertMoE / (SparseMoE + FeedForward)",
+        "SoftMoE / SparseMoE",
+    ):
+        assert ratio in result.stdout, ratio

@@ -97,6 +97,7 @@ class SoftMoE(keras.layers.Layer):
         inputs: `[batch, tokens, d]`.
         mask: optional bool `[batch, tokens]`, False for padding tokens.
             Propagated Keras masks are used automatically.
+        training: accepted for a uniform MoE-layer call; changes nothing.
 
     Returns:
         A tensor of the shape of `inputs`.
@@ -256,7 +257,9 @@ class SoftMoE(keras.layers.Layer):
         token_mask = self._token_mask(inputs, mask)
         return self._routing(self._zero_padding(inputs, token_mask), token_mask)
 
-    def call(self, inputs, mask=None):
+    def call(self, inputs, mask=None, training=None):
+        # `training` changes nothing (no capacity, noise or loss); it is
+        # accepted so that every MoE layer is called the same way.
         self._check_input_shape(inputs.shape)
         token_mask = self._token_mask(inputs, mask)
         tokens = self._zero_padding(inputs, token_mask)

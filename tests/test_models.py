@@ -597,6 +597,31 @@ def test_backbone_config_round_trip_is_json():
         assert saved[key] == value
 
 
+def test_layer_configs_round_trip():
+    from keras_moe.models import MoEDecoderBlock
+
+    backbone = MoEBackbone(**tiny_config(first_k_dense=1))
+    for block in backbone.transformer_layers:
+        config = block.get_config()
+        restored = MoEDecoderBlock.from_config(json.loads(json.dumps(config)))
+        restored_config = restored.get_config()
+        for key in ("attention", "feedforward"):
+            # The built original also records its build shapes.
+            assert restored_config.pop(key)["config"] == config.pop(key)["config"]
+        assert restored_config == config
+    for layer in (
+        GroupedQueryAttention(4, 2, head_dim=6, use_bias=True, use_qk_norm=True),
+        MultiHeadLatentAttention(3, 8, 4, 2, 5, q_lora_rank=6, rope_interleave=False),
+    ):
+        config = layer.get_config()
+        assert type(layer).from_config(config).get_config() == config
+
+
+def test_causal_lm_refuses_a_backbone_smaller_than_the_tokenizer():
+    with pytest.raises(ValueError, match="vocabulary_size"):
+        MoECausalLM(MoEBackbone(**tiny_config()), preprocessor=byte_preprocessor())
+
+
 def test_mixed_precision_forward():
     backbone = MoEBackbone(**tiny_config(dtype="mixed_bfloat16"))
     outputs = backbone(random_inputs(np.random.default_rng(11)))

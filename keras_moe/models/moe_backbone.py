@@ -2,46 +2,52 @@
 
 One configuration covers Mixtral, Qwen-MoE / Qwen3-MoE, OLMoE, DBRX-style
 and DeepSeek-V2/V3-style decoders. The weights it holds are exactly these
-(names as in `model.weights`; `d` = hidden_dim, `V` = vocabulary_size), so
-that `count_params()` follows from the configuration alone:
+(variable paths as in `model.weights`; `d` = hidden_dim,
+`V` = vocabulary_size), so that `count_params()` follows from the
+configuration alone:
 
-Embedding and head:
+Embedding, final norm and head:
 - `token_embedding/embeddings [V, d]`
 - `token_embedding/reverse_embeddings [d, V]`, unless `tie_word_embeddings`
 - `final_norm/scale [d]`
 
-Each of the `num_layers` decoder blocks (`decoder_block_{i}`):
+In each of the `num_layers` blocks, under `decoder_block_{i}/`:
 - `pre_attention_norm/scale [d]`, `pre_feedforward_norm/scale [d]`
-- attention, `attention_type="gqa"` (`H` = num_query_heads,
-  `K` = num_key_value_heads or H, `h` = head_dim or d // H):
-  `query/kernel [d, H, h]`, `key/kernel [d, K, h]`, `value/kernel [d, K, h]`,
-  `attention_output/kernel [H, h, d]`;
-  with `attention_bias`: `query/bias [H, h]`, `key/bias [K, h]`,
-  `value/bias [K, h]`; with `use_qk_norm`: `query_norm/scale [h]`,
-  `key_norm/scale [h]`.
-- attention, `attention_type="mla"` (`n` = qk_nope_head_dim,
-  `r` = qk_rope_head_dim, `v` = v_head_dim):
-  with `q_lora_rank`: `q_a_proj/kernel [d, q_lora_rank]`,
-  `q_a_norm/scale [q_lora_rank]`, `q_b_proj/kernel [q_lora_rank, H, n + r]`;
-  without: `q_proj/kernel [d, H, n + r]`; always
-  `kv_a_proj_with_mqa/kernel [d, kv_lora_rank + r]`,
-  `kv_a_norm/scale [kv_lora_rank]`, `kv_b_proj/kernel [kv_lora_rank, H, n + v]`,
-  `o_proj/kernel [H, v, d]`.
-- feed-forward, dense layers (`f` = intermediate_dim), `FeedForward`:
-  `gate_kernel [d, f]` (only if `ffn_gated`), `up_kernel [d, f]`,
-  `down_kernel [f, d]`.
-- feed-forward, MoE layers (`E` = num_experts, `m` = moe_intermediate_dim),
-  `SparseMoE`: `router/kernel [d, E]`; `experts/gate_kernel [E, d, m]` (only
-  if `ffn_gated`), `experts/up_kernel [E, d, m]`, `experts/down_kernel [E, m, d]`;
-  plus what `moe_options` adds in the MoE layer itself (for example the
-  non-trainable `router/expert_bias [E]` with `bias_update_rate > 0`, a
-  `router/noise_kernel [d, E]` with `noisy_gating`, expert biases with
+- `attention_type="gqa"` (`H` = num_query_heads, `K` = num_key_value_heads
+  or H, `h` = head_dim or d // H):
+  `attention/query/kernel [d, H, h]`, `attention/key/kernel [d, K, h]`,
+  `attention/value/kernel [d, K, h]`, `attention/attention_output/kernel
+  [H, h, d]`; with `attention_bias`: `attention/query/bias [H, h]`,
+  `attention/key/bias [K, h]`, `attention/value/bias [K, h]`; with
+  `use_qk_norm`: `attention/query_norm/scale [h]`,
+  `attention/key_norm/scale [h]`.
+- `attention_type="mla"` (`H` = num_query_heads, `n` = qk_nope_head_dim,
+  `r` = qk_rope_head_dim, `v` = v_head_dim): with `q_lora_rank`:
+  `attention/q_a_proj/kernel [d, q_lora_rank]`,
+  `attention/q_a_norm/scale [q_lora_rank]`,
+  `attention/q_b_proj/kernel [q_lora_rank, H, n + r]`; without:
+  `attention/q_proj/kernel [d, H, n + r]`; always
+  `attention/kv_a_proj_with_mqa/kernel [d, kv_lora_rank + r]`,
+  `attention/kv_a_norm/scale [kv_lora_rank]`,
+  `attention/kv_b_proj/kernel [kv_lora_rank, H, n + v]`,
+  `attention/o_proj/kernel [H, v, d]`.
+- a dense layer (`f` = intermediate_dim), a `FeedForward`:
+  `feedforward/gate_kernel [d, f]` (only if `ffn_gated`),
+  `feedforward/up_kernel [d, f]`, `feedforward/down_kernel [f, d]`.
+- a MoE layer (`E` = num_experts, `m` = moe_intermediate_dim), a
+  `SparseMoE`: `moe/router/kernel [d, E]`,
+  `moe/experts/gate_kernel [E, d, m]` (only if `ffn_gated`),
+  `moe/experts/up_kernel [E, d, m]`, `moe/experts/down_kernel [E, m, d]`;
+  plus what `moe_options` adds inside the MoE layer (for example the
+  non-trainable `moe/router/expert_bias [E]` with `bias_update_rate > 0`,
+  `moe/router/noise_kernel [d, E]` with `noisy_gating`, expert biases with
   `use_bias`).
 - with `num_shared_experts > 0` the MoE layer is a `SharedExpertMoE`, which
-  adds a `FeedForward` named `shared_experts` of width `s` =
-  shared_intermediate_dim or `num_shared_experts * m`
-  (`gate_kernel [d, s]` if gated, `up_kernel [d, s]`, `down_kernel [s, d]`)
-  and, with `shared_expert_gate`, a sigmoid gate kernel `[d, 1]`.
+  adds a `FeedForward` of width `s` = shared_intermediate_dim or
+  `num_shared_experts * m`: `moe/shared_experts/gate_kernel [d, s]` (if
+  `ffn_gated`), `moe/shared_experts/up_kernel [d, s]`,
+  `moe/shared_experts/down_kernel [s, d]`; and with `shared_expert_gate`,
+  `moe/shared_gate_kernel [d, 1]`.
 
 Layer `i` (0-based) is dense when `i < first_k_dense` or
 `(i + 1) % moe_layer_frequency != 0` (see `is_moe_layer`), and MoE
@@ -158,8 +164,10 @@ class MoEBackbone(Backbone):
         attention_type: `"gqa"` or `"mla"`.
         attention_bias: bool, biases on the q, k, v projections (Qwen1.5);
             never on the output projection. GQA only.
-        use_qk_norm: bool, RMSNorm over `head_dim` on queries and keys
-            (Qwen3 / OLMoE), one `[head_dim]` scale each. GQA only.
+        use_qk_norm: bool, RMSNorm over `head_dim` on each query and key
+            head before RoPE (Qwen3), one `[head_dim]` scale each. GQA only.
+            (OLMoE checkpoints normalize the whole query and key
+            projections instead, with `[H * h]` and `[K * h]` scales.)
         q_lora_rank: int or `None` (plain query projection). MLA only.
         kv_lora_rank: int, the key/value latent width. MLA only (required).
         qk_nope_head_dim: int, per-head query/key width without RoPE. MLA.

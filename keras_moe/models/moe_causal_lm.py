@@ -56,6 +56,16 @@ class MoECausalLM(CausalLM):
     preprocessor_cls = MoECausalLMPreprocessor
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
+        tokenizer = getattr(preprocessor, "tokenizer", None)
+        if tokenizer is not None and hasattr(tokenizer, "vocabulary_size"):
+            tokenizer_size = tokenizer.vocabulary_size()
+            if tokenizer_size > backbone.vocabulary_size:
+                raise ValueError(
+                    f"The tokenizer has {tokenizer_size} token ids but the "
+                    "backbone embeds only `vocabulary_size="
+                    f"{backbone.vocabulary_size}`; build the backbone with "
+                    f"vocabulary_size >= {tokenizer_size}."
+                )
         # === Layers ===
         self.backbone = backbone
         self.preprocessor = preprocessor

@@ -163,7 +163,8 @@ def gqa_reference(x, w, num_heads, num_kv_heads, padding_mask, bias, qk_norm):
 
 
 def mla_reference(x, w, num_heads, dims, padding_mask, q_lora):
-    nope, rope, kv_lora = dims["qk_nope_head_dim"], dims["qk_rope_head_dim"], dims["kv_lora_rank"]
+    nope, rope = dims["qk_nope_head_dim"], dims["qk_rope_head_dim"]
+    kv_lora = dims["kv_lora_rank"]
     if q_lora:
         query = rms_norm(x @ w["q_a_proj/kernel"], w["q_a_norm/scale"])
         query = np.einsum("sr,rnh->snh", query, w["q_b_proj/kernel"])
@@ -326,7 +327,9 @@ def test_grouped_query_attention_matches_numpy(num_kv_heads, bias, qk_norm, head
             padding_mask[row], bias, qk_norm,
         )
         real = padding_mask[row] == 1
-        np.testing.assert_allclose(outputs[row][real], expected[real], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            outputs[row][real], expected[real], rtol=1e-4, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("q_lora", [True, False])
@@ -346,7 +349,9 @@ def test_multi_head_latent_attention_matches_numpy(q_lora):
             x[row].astype("float64"), weights, 3, dims, padding_mask[row], q_lora
         )
         real = padding_mask[row] == 1
-        np.testing.assert_allclose(outputs[row][real], expected[real], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            outputs[row][real], expected[real], rtol=1e-4, atol=1e-5
+        )
 
 
 def test_attention_weight_names_and_shapes():
@@ -521,7 +526,9 @@ def byte_preprocessor(sequence_length=24):
 
 def tiny_text_lm(attention="gqa", **overrides):
     tokenizer_size = MoETokenizer().vocabulary_size()
-    config = tiny_config(vocabulary_size=tokenizer_size, hidden_dim=32, **ATTENTIONS[attention])
+    config = tiny_config(
+        vocabulary_size=tokenizer_size, hidden_dim=32, **ATTENTIONS[attention]
+    )
     config.update(overrides)
     causal_lm = MoECausalLM(MoEBackbone(**config), preprocessor=byte_preprocessor())
     return causal_lm
@@ -636,9 +643,10 @@ def test_mixed_precision_forward():
 def test_byte_tokenizer_ids_and_round_trip():
     tokenizer = MoETokenizer()
     assert tokenizer.vocabulary_size() == 259
-    assert (tokenizer.start_token_id, tokenizer.end_token_id, tokenizer.pad_token_id) == (
-        256, 257, 258
+    special_ids = (
+        tokenizer.start_token_id, tokenizer.end_token_id, tokenizer.pad_token_id
     )
+    assert special_ids == (256, 257, 258)
     text = "Mixture of Experts, ½ 専門家"
     ids = [int(i) for i in tokenizer(text)]
     assert ids == list(text.encode("utf-8"))
@@ -655,7 +663,8 @@ def test_preprocessor_packs_with_special_tokens():
         [[256, 104, 101, 121, 257, 258], [256, 116, 111, 111, 108, 111]],
     )
     np.testing.assert_array_equal(
-        ops.convert_to_numpy(y), [[104, 101, 121, 257, 258, 258], [116, 111, 111, 108, 111, 257]]
+        ops.convert_to_numpy(y),
+        [[104, 101, 121, 257, 258, 258], [116, 111, 111, 108, 111, 257]],
     )
     np.testing.assert_array_equal(
         ops.convert_to_numpy(sample_weight), [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]

@@ -124,7 +124,9 @@ class GroupedQueryAttention(keras.layers.Layer):
         )
         self.dropout = check_float("dropout", dropout)
         if self.dropout >= 1:
-            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
+            raise ValueError(
+                f"`dropout` must be in [0, 1). Received: dropout={dropout}"
+            )
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
 

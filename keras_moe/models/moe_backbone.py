@@ -527,7 +527,7 @@ def _check_gqa(c):
 def _check_mla(c):
     missing = [
         name
-        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        for name in _MLA_ARGUMENTS[1:]
         if c[name] is None
     ]
     if missing:

@@ -83,7 +83,9 @@ class MoEDecoderBlock(keras.layers.Layer):
         )
         self.dropout = check_float("dropout", dropout)
         if self.dropout >= 1:
-            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
+            raise ValueError(
+                f"`dropout` must be in [0, 1). Received: dropout={dropout}"
+            )
         self._feedforward_takes_mask = _accepts_mask(feedforward)
         self.pre_attention_norm = RMSNormalization(
             self.layer_norm_epsilon,

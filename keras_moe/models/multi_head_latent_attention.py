@@ -137,7 +137,9 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         )
         self.dropout = check_float("dropout", dropout)
         if self.dropout >= 1:
-            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
+            raise ValueError(
+                f"`dropout` must be in [0, 1). Received: dropout={dropout}"
+            )
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
         # Even features first, then odd: pairwise RoPE as rotate-half RoPE.

@@ -20,7 +20,9 @@ SHARDED_WEIGHTS_FILE = "model.weights.json"
 HUGGING_FACE_KEYS = ("model_type", "architectures")
 
 
-def load(name_or_dir, preprocessor="default", *, check_memory=True, **overrides):
+def load(
+    name_or_dir, preprocessor="default", *, check_memory=True, **overrides
+):
     """Build a `MoECausalLM` from a preset name or a saved preset directory.
 
     A name builds a fresh, randomly initialised model with the preset's
@@ -145,7 +147,8 @@ def _apply_overrides(record, overrides, backbone_class):
         for key in unknown:
             close = difflib.get_close_matches(key, sorted(accepted), n=2)
             if close:
-                hints.append(f"{key!r}: did you mean {' or '.join(map(repr, close))}?")
+                options = " or ".join(map(repr, close))
+                hints.append(f"{key!r}: did you mean {options}?")
         raise ValueError(
             f"Unknown override{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(map(repr, unknown))} for preset {record['name']!r}: "

@@ -167,7 +167,11 @@ def _attention_params(get, hidden_dim):
         value_dim = get.int("v_head_dim")
         query_width = num_heads * (nope + rope)
         if q_lora_rank:
-            query = hidden_dim * q_lora_rank + q_lora_rank + q_lora_rank * query_width
+            query = (
+                hidden_dim * q_lora_rank  # Down-projection.
+                + q_lora_rank  # Its RMSNorm.
+                + q_lora_rank * query_width  # Up-projection.
+            )
         else:
             query = hidden_dim * query_width
         key_value = (

@@ -135,7 +135,9 @@ def _records_in(directory):
             try:
                 record = json.load(file)
             except json.JSONDecodeError as error:
-                raise ValueError(f"Preset file {path} is not valid JSON: {error}")
+                raise ValueError(
+                    f"Preset file {path} is not valid JSON: {error}"
+                ) from error
         _check_record(record, path)
         records[path.stem] = record
     return records

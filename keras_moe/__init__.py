@@ -2,6 +2,8 @@
 
 from keras_moe import datasets
 from keras_moe import layers
+from keras_moe import models
 from keras_moe import ops
+from keras_moe import presets
 
 __version__ = "0.1.0"

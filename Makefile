@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
-	$(PY) examples/train_sparse_moe.py
+	$(PY) examples/train_lm.py
 
 # Each backend in its own pytest run; all three run even if one fails.
 test: install

@@ -1,6 +1,7 @@
 """keras-moe: Mixture-of-Experts layers, models and presets for Keras 3."""
 
 from keras_moe import datasets
+from keras_moe import distribution
 from keras_moe import layers
 from keras_moe import models
 from keras_moe import ops

@@ -11,6 +11,8 @@ import keras_moe
 
 # Modules whose public classes and functions must show a runnable example.
 MODULES_WITH_EXAMPLES = {
+    "keras_moe.distribution.expert_parallel",
+    "keras_moe.distribution.layout_map",
     "keras_moe.layers.experts",
     "keras_moe.layers.soft_moe",
     "keras_moe.layers.sparse_moe",

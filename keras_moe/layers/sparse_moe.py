@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_moe.distribution import expert_parallel
 from keras_moe.layers.experts import Experts
 from keras_moe.layers.top_k_router import TopKRouter
 from keras_moe.ops.dispatch import combine
@@ -284,6 +285,9 @@ class SparseMoE(keras.layers.Layer):
                 f"Received: input_shape={tuple(input_shape)}"
             )
         self.hidden_dim = int(input_shape[-1])
+        expert_parallel.check_expert_layout(
+            f"{self.path}/{self.experts.name}", self.num_experts
+        )
         self.router.build((None, self.hidden_dim))
         self.experts.build((self.num_experts, None, self.hidden_dim))
 
@@ -302,14 +306,19 @@ class SparseMoE(keras.layers.Layer):
 
     def call(self, inputs, mask=None, training=None):
         self._check_input_shape(inputs.shape)
-        # One routing group holding every token of the batch.
-        tokens = ops.reshape(inputs, (1, -1, self.hidden_dim))
+        # Routing groups: one holding every token of the batch or, under a
+        # `keras.distribution`, one per data shard (capacity is then per
+        # group; see `keras_moe.distribution.expert_parallel`).
+        groups = expert_parallel.routing_groups(self.experts, inputs.shape)
+        num_groups = 1 if groups is None else groups.num_groups
+        tokens = ops.reshape(inputs, (num_groups, -1, self.hidden_dim))
+        tokens = expert_parallel.constrain_groups(tokens, groups)
         num_tokens = tokens.shape[1]
         if num_tokens is None:
             num_tokens = ops.shape(tokens)[1]
         token_mask = None
         if mask is not None:
-            token_mask = ops.reshape(ops.cast(mask, "bool"), (1, -1))
+            token_mask = ops.reshape(ops.cast(mask, "bool"), (num_groups, -1))
             # Padding may hold anything (even NaN); zeroing it keeps it out
             # of the router's math and its gradients.
             tokens = ops.where(
@@ -362,6 +371,11 @@ class SparseMoE(keras.layers.Layer):
         return combine_slots(expert_outputs, plan, slot_weights, num_tokens)
 
     def _run_experts(self, buffers):
+        groups = expert_parallel.routing_groups(
+            self.experts, num_groups=buffers.shape[0]
+        )
+        if groups is not None:
+            return expert_parallel.run_experts(self.experts, buffers, groups)
         return ops.expand_dims(self.experts(buffers[0]), 0)
 
     def _add_router_losses(self, routing, plan, token_mask, input_shape):

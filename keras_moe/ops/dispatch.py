@@ -113,18 +113,58 @@ def dropless_capacity(expert_counts, tokens_per_group):
     return tokens_per_group
 
 
+def _has_several_groups(tensor):
+    """Whether the leading (group) axis is statically known to exceed 1."""
+    num_groups = tensor.shape[0]
+    return isinstance(num_groups, int) and num_groups > 1
+
+
 def _gather_rows(values, indices):
     """Per-group gather: `values [G, M, ...]`, `indices [G, K]` -> `[G, K, ...]`.
 
-    One flat `take` on axis 0 (a plain row gather on every backend, whose
-    gradient is a scatter-add) instead of `take_along_axis`, whose broadcasting
-    implementations cost more.
+    One group (the single-device case): one flat `take` on axis 0 (a plain
+    row gather on every backend, whose gradient is a scatter-add) instead of
+    `take_along_axis`, whose broadcasting implementations cost more. Several
+    groups: `take_along_axis`, a gather batched over the group axis, so that
+    groups sharded across devices (expert parallelism) stay where they are;
+    the flat gather would need every group on every device.
     """
+    if _has_several_groups(indices):
+        indices = ops.reshape(
+            indices, tuple(indices.shape) + (1,) * (len(values.shape) - 2)
+        )
+        return ops.take_along_axis(values, indices, axis=1)
     rows_per_group = ops.shape(values)[1]
     num_groups = ops.shape(indices)[0]
     flat_values = ops.reshape(values, (-1,) + tuple(values.shape[2:]))
     offsets = ops.expand_dims(ops.arange(num_groups, dtype="int32"), 1)
     return ops.take(flat_values, indices + offsets * rows_per_group, axis=0)
+
+
+def _segment_sum_per_group(data, segment_ids, num_segments):
+    """`segment_sum` within each group: `[G, N, ...]`, ids `[G, N]` -> `[G, S, ...]`.
+
+    One group: a flat `segment_sum` with per-group offsets. Several groups:
+    mapped over the group axis, so that sharded groups need no communication.
+    """
+    num_groups = ops.shape(segment_ids)[0]
+    if _has_several_groups(segment_ids):
+        return ops.vectorized_map(
+            lambda group: ops.segment_sum(
+                group[0], group[1], num_segments=num_segments
+            ),
+            (data, segment_ids),
+        )
+    offsets = ops.reshape(
+        ops.arange(num_groups, dtype="int32") * num_segments,
+        (-1,) + (1,) * (len(segment_ids.shape) - 1),
+    )
+    sums = ops.segment_sum(
+        ops.reshape(data, (-1,) + tuple(data.shape[2:])),
+        ops.reshape(segment_ids + offsets, (-1,)),
+        num_segments=num_groups * num_segments,
+    )
+    return ops.reshape(sums, (num_groups, num_segments) + tuple(data.shape[2:]))
 
 
 def compute_dispatch_plan(expert_ids, num_experts, capacity, token_mask=None):
@@ -191,15 +231,12 @@ def compute_dispatch_plan(expert_ids, num_experts, capacity, token_mask=None):
     sorted_positions = ops.argsort(sorted_choices, axis=-1)  # choice -> pos
 
     # Choices per expert (plus the padding expert), then where each starts.
-    group_offsets = ops.expand_dims(
-        ops.arange(num_groups, dtype="int32") * (num_experts + 1), 1
+    counts = _segment_sum_per_group(
+        ops.ones((num_groups, num_choices), "float32"),
+        choice_experts,
+        num_segments=num_experts + 1,
     )
-    counts = ops.segment_sum(
-        ops.ones((num_groups * num_choices,), "float32"),
-        ops.reshape(choice_experts + group_offsets, (-1,)),
-        num_segments=num_groups * (num_experts + 1),
-    )
-    counts = ops.reshape(ops.cast(counts, "int32"), (-1, num_experts + 1))
+    counts = ops.cast(counts, "int32")
     starts = ops.cumsum(counts, axis=-1) - counts
     expert_counts = counts[:, :num_experts]
     if capacity is None:
@@ -371,12 +408,8 @@ def combine_slots(expert_outputs, plan, slot_weights, num_tokens):
     weighted = expert_outputs * ops.expand_dims(
         ops.cast(weights, expert_outputs.dtype), -1
     )
-    group_offsets = ops.reshape(
-        ops.arange(num_groups, dtype="int32") * num_tokens, (-1, 1, 1)
+    return _segment_sum_per_group(
+        ops.reshape(weighted, (num_groups, -1, hidden_dim)),
+        ops.reshape(plan.slot_tokens, (num_groups, -1)),
+        num_segments=num_tokens,
     )
-    outputs = ops.segment_sum(
-        ops.reshape(weighted, (-1, hidden_dim)),
-        ops.reshape(plan.slot_tokens + group_offsets, (-1,)),
-        num_segments=num_groups * num_tokens,
-    )
-    return ops.reshape(outputs, (num_groups, num_tokens, hidden_dim))

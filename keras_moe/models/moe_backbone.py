@@ -51,7 +51,8 @@ In each of the `num_layers` blocks, under `decoder_block_{i}/`:
 
 Layer `i` (0-based) is dense when `i < first_k_dense` or
 `(i + 1) % moe_layer_frequency != 0` (see `is_moe_layer`), and MoE
-otherwise. There are no other weights: no biases except the optional q/k/v
+otherwise; an explicit `moe_layers` list replaces that rule (Qwen-MoE's
+`mlp_only_layers`). There are no other weights: no biases except the optional q/k/v
 ones, no position embeddings (RoPE has none), no extra head.
 """
 
@@ -115,6 +116,31 @@ def is_moe_layer(layer_index, first_k_dense=0, moe_layer_frequency=1):
     )
 
 
+def moe_layer_flags(
+    num_layers, first_k_dense=0, moe_layer_frequency=1, moe_layers=None
+):
+    """Whether each decoder layer is a MoE layer, as a list of bools.
+
+    With `moe_layers` (a list of 0-based layer indices) exactly those layers
+    are MoE; without it, `is_moe_layer` decides from `first_k_dense` and
+    `moe_layer_frequency`.
+
+    Example:
+
+    >>> moe_layer_flags(4, first_k_dense=1)
+    [False, True, True, True]
+    >>> moe_layer_flags(4, moe_layers=[0, 3])
+    [True, False, False, True]
+    """
+    if moe_layers is not None:
+        chosen = set(moe_layers)
+        return [i in chosen for i in range(num_layers)]
+    return [
+        is_moe_layer(i, first_k_dense, moe_layer_frequency)
+        for i in range(num_layers)
+    ]
+
+
 def _moe_layer_accepts(argument):
     return argument in inspect.signature(SparseMoE.__init__).parameters
 
@@ -143,7 +169,8 @@ class MoEBackbone(Backbone):
     RMSNorm. Attention is grouped-query attention with RoPE (Mixtral, Qwen,
     OLMoE) or DeepSeek's Multi-head Latent Attention. Feed-forward layers are
     dense `FeedForward` blocks or `SparseMoE` / `SharedExpertMoE` layers, in
-    the pattern set by `first_k_dense` and `moe_layer_frequency`. The module
+    the pattern set by `first_k_dense` and `moe_layer_frequency` (or listed
+    in `moe_layers`). The module
     docstring lists every weight. `token_embedding` is a
     `ReversibleEmbedding`, so `MoECausalLM` computes logits with it (tied to
     the input embedding when `tie_word_embeddings`).
@@ -173,6 +200,10 @@ class MoEBackbone(Backbone):
         qk_nope_head_dim: int, per-head query/key width without RoPE. MLA.
         qk_rope_head_dim: even int, the rotary query/key width. MLA.
         v_head_dim: int, the per-head value width. MLA.
+        rope_interleave: bool or `None`. MLA only: `True` (what `None`
+            means) rotates adjacent feature pairs, the layout of DeepSeek's
+            checkpoints; `False` rotates the two halves (rotate-half). GQA
+            always uses rotate-half RoPE and takes only `None`.
         rope_max_wavelength: float, the RoPE base (`rope_theta`).
         intermediate_dim: int, the width of the dense FFN layers (required if
             any layer is dense).
@@ -189,6 +220,10 @@ class MoEBackbone(Backbone):
         first_k_dense: int, the number of leading dense layers.
         moe_layer_frequency: int >= 1; after the first `first_k_dense` layers,
             layer `i` is MoE iff `(i + 1) % moe_layer_frequency == 0`.
+        moe_layers: list of int or `None`. The 0-based indices of the MoE
+            layers, every other layer being dense; replaces the
+            `first_k_dense` / `moe_layer_frequency` rule, which must then
+            keep its defaults (0 and 1). `None` (the default) uses the rule.
         ffn_activation: the activation of the dense FFNs and the experts.
         ffn_gated: bool, GLU (SwiGLU with `"silu"`) FFNs and experts.
         moe_options: dict of extra keyword arguments for the MoE layers
@@ -234,6 +269,7 @@ class MoEBackbone(Backbone):
         qk_nope_head_dim=None,
         qk_rope_head_dim=None,
         v_head_dim=None,
+        rope_interleave=None,
         rope_max_wavelength=10000.0,
         intermediate_dim=None,
         num_experts=8,
@@ -244,6 +280,7 @@ class MoEBackbone(Backbone):
         shared_expert_gate=False,
         first_k_dense=0,
         moe_layer_frequency=1,
+        moe_layers=None,
         ffn_activation="silu",
         ffn_gated=True,
         moe_options=None,
@@ -268,6 +305,7 @@ class MoEBackbone(Backbone):
             qk_nope_head_dim=qk_nope_head_dim,
             qk_rope_head_dim=qk_rope_head_dim,
             v_head_dim=v_head_dim,
+            rope_interleave=rope_interleave,
             rope_max_wavelength=rope_max_wavelength,
             intermediate_dim=intermediate_dim,
             num_experts=num_experts,
@@ -278,6 +316,7 @@ class MoEBackbone(Backbone):
             shared_expert_gate=shared_expert_gate,
             first_k_dense=first_k_dense,
             moe_layer_frequency=moe_layer_frequency,
+            moe_layers=moe_layers,
             ffn_activation=ffn_activation,
             ffn_gated=ffn_gated,
             moe_options=moe_options,
@@ -340,6 +379,8 @@ class MoEBackbone(Backbone):
         config.update({key: getattr(self, key) for key in _CONFIG_KEYS})
         if config["moe_options"] is not None:
             config["moe_options"] = dict(config["moe_options"])
+        if config["moe_layers"] is not None:
+            config["moe_layers"] = list(config["moe_layers"])
         return config
 
 
@@ -358,6 +399,7 @@ _CONFIG_KEYS = (
     "qk_nope_head_dim",
     "qk_rope_head_dim",
     "v_head_dim",
+    "rope_interleave",
     "rope_max_wavelength",
     "intermediate_dim",
     "num_experts",
@@ -368,6 +410,7 @@ _CONFIG_KEYS = (
     "shared_expert_gate",
     "first_k_dense",
     "moe_layer_frequency",
+    "moe_layers",
     "ffn_activation",
     "ffn_gated",
     "moe_options",
@@ -434,20 +477,19 @@ def _validated_config(**config):
     c["moe_layer_frequency"] = check_int(
         "moe_layer_frequency", c["moe_layer_frequency"], min_value=1
     )
+    c["moe_layers"] = _checked_moe_layers(c)
     c["intermediate_dim"] = _optional_int("intermediate_dim", c["intermediate_dim"])
     c["moe_intermediate_dim"] = _optional_int(
         "moe_intermediate_dim", c["moe_intermediate_dim"]
     )
-    moe_layers = [
-        is_moe_layer(i, c["first_k_dense"], c["moe_layer_frequency"])
-        for i in range(c["num_layers"])
-    ]
+    moe_layers = _moe_layer_flags(c)
     if not all(moe_layers) and c["intermediate_dim"] is None:
         dense = [i for i, moe in enumerate(moe_layers) if not moe]
         raise ValueError(
             f"`intermediate_dim` is required: layers {dense} are dense "
             f"(first_k_dense={c['first_k_dense']}, "
-            f"moe_layer_frequency={c['moe_layer_frequency']}). "
+            f"moe_layer_frequency={c['moe_layer_frequency']}, "
+            f"moe_layers={c['moe_layers']}). "
             "Received: intermediate_dim=None"
         )
     if any(moe_layers) and c["moe_intermediate_dim"] is None:
@@ -494,8 +536,46 @@ def _validated_config(**config):
     return c
 
 
+def _moe_layer_flags(c):
+    return moe_layer_flags(
+        c["num_layers"], c["first_k_dense"], c["moe_layer_frequency"],
+        c["moe_layers"],
+    )
+
+
+def _checked_moe_layers(c):
+    moe_layers = c["moe_layers"]
+    if moe_layers is None:
+        return None
+    num_layers = c["num_layers"]
+    if not isinstance(moe_layers, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers
+        for i in moe_layers
+    ):
+        raise ValueError(
+            "`moe_layers` must be None or a list of layer indices in "
+            f"[0, num_layers={num_layers}). Received: moe_layers={moe_layers!r}"
+        )
+    if len(set(moe_layers)) != len(moe_layers):
+        raise ValueError(
+            "`moe_layers` lists a layer more than once. "
+            f"Received: moe_layers={moe_layers!r}"
+        )
+    if c["first_k_dense"] != 0 or c["moe_layer_frequency"] != 1:
+        raise ValueError(
+            "`moe_layers` replaces `first_k_dense` and `moe_layer_frequency`, "
+            "which must keep their defaults (0 and 1) when it is given. "
+            f"Received: moe_layers={moe_layers!r}, "
+            f"first_k_dense={c['first_k_dense']}, "
+            f"moe_layer_frequency={c['moe_layer_frequency']}"
+        )
+    return sorted(moe_layers)
+
+
 def _check_gqa(c):
     given = [name for name in _MLA_ARGUMENTS if c[name] is not None]
+    if c["rope_interleave"] is not None:
+        given.append("rope_interleave")
     if given:
         raise ValueError(
             f"{given} only apply to `attention_type='mla'`. "
@@ -547,6 +627,8 @@ def _check_mla(c):
             "`num_key_value_heads` must be None or equal to `num_query_heads` "
             f"({c['num_query_heads']}). Received: num_key_value_heads={num_kv_heads}"
         )
+    if c["rope_interleave"] is not None:
+        c["rope_interleave"] = check_bool("rope_interleave", c["rope_interleave"])
     for name in ("head_dim", "attention_bias", "use_qk_norm"):
         if c[name]:
             raise ValueError(
@@ -579,6 +661,7 @@ def _make_attention(c, dtype):
         v_head_dim=c["v_head_dim"],
         q_lora_rank=c["q_lora_rank"],
         rope_max_wavelength=c["rope_max_wavelength"],
+        rope_interleave=c["rope_interleave"] is not False,
         layer_norm_epsilon=c["layer_norm_epsilon"],
         dropout=c["dropout"],
         dtype=dtype,
@@ -587,7 +670,7 @@ def _make_attention(c, dtype):
 
 
 def _make_feedforward(c, layer_index, dtype):
-    if not is_moe_layer(layer_index, c["first_k_dense"], c["moe_layer_frequency"]):
+    if not _moe_layer_flags(c)[layer_index]:
         return FeedForward(
             c["intermediate_dim"],
             activation=c["ffn_activation"],

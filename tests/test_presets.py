@@ -433,7 +433,9 @@ def test_overrides_change_the_backbone_config():
 
 
 def test_full_size_preset_refuses_to_build_without_memory(monkeypatch):
-    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 16 * GIB)
+    monkeypatch.setattr(
+        memory, "available_memory", lambda: ("this machine", 16 * GIB)
+    )
     with pytest.raises(presets.PresetTooLargeError) as error_info:
         presets.load("mixtral_8x7b")
     error = error_info.value
@@ -450,7 +452,9 @@ def test_full_size_preset_refuses_to_build_without_memory(monkeypatch):
 
 
 def test_memory_guard_counts_the_requested_dtype(monkeypatch):
-    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 16 * GIB)
+    monkeypatch.setattr(
+        memory, "available_memory", lambda: ("this machine", 16 * GIB)
+    )
     total = presets.count_params("deepseek_v3")["total"]
     with pytest.raises(presets.PresetTooLargeError, match="bfloat16") as info:
         presets.load("deepseek_v3", dtype="bfloat16")
@@ -459,7 +463,9 @@ def test_memory_guard_counts_the_requested_dtype(monkeypatch):
 
 
 def test_memory_guard_lets_small_and_unchecked_loads_through(monkeypatch):
-    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1 * GIB)
+    monkeypatch.setattr(
+        memory, "available_memory", lambda: ("this machine", 1 * GIB)
+    )
     presets.load("switch_small", preprocessor=None, num_layers=1)
     # The full-size check runs on the shrunk config, which fits.
     presets.load(
@@ -467,7 +473,9 @@ def test_memory_guard_lets_small_and_unchecked_loads_through(monkeypatch):
         preprocessor=None,
         **{**SHRINK, **SHRINK_BY_PRESET["mixtral_8x7b"]},
     )
-    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1024)
+    monkeypatch.setattr(
+        memory, "available_memory", lambda: ("this machine", 1024)
+    )
     with pytest.raises(presets.PresetTooLargeError):
         presets.load("switch_small", preprocessor=None, num_layers=1)
     presets.load(
@@ -476,8 +484,12 @@ def test_memory_guard_lets_small_and_unchecked_loads_through(monkeypatch):
 
 
 def test_available_memory_is_read_from_the_system():
-    available = memory.available_memory_bytes()
-    assert available is None or available > 0
+    host = memory.host_memory_bytes()
+    assert host is None or host > 0
+    where, free_bytes = memory.available_memory()
+    assert free_bytes > 0
+    if memory.accelerator_memory_bytes() is None:
+        assert (where, free_bytes) == ("this machine", host)
 
 
 # Bad input.
@@ -536,13 +548,17 @@ def test_empty_and_nonexistent_directories(tmp_path):
         presets.load(str(tmp_path / "no" / "such" / "dir"))
 
 
-def test_hugging_face_directory_is_not_supported_yet(tmp_path):
+def test_hugging_face_directory_is_not_read_as_a_keras_preset(tmp_path):
+    # A transformers `config.json` goes to checkpoint conversion (or is
+    # refused where there is none), whose error names the model type.
     (tmp_path / "config.json").write_text(
         json.dumps(
             {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}
         )
     )
-    with pytest.raises(NotImplementedError, match="not supported yet"):
+    with pytest.raises(
+        (NotImplementedError, ValueError), match="model_type='mixtral'"
+    ):
         presets.load(tmp_path)
 
 
@@ -552,7 +568,9 @@ def test_directory_rejects_architecture_overrides(saved_preset_dir):
 
 
 def test_directory_memory_guard(saved_preset_dir, monkeypatch):
-    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1024)
+    monkeypatch.setattr(
+        memory, "available_memory", lambda: ("this machine", 1024)
+    )
     with pytest.raises(presets.PresetTooLargeError, match="parameters"):
         presets.load(saved_preset_dir)
 

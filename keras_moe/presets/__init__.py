@@ -13,7 +13,7 @@ card reproduced and, for full-size models, the published parameter counts.
 
 from keras_moe.presets.loading import load
 from keras_moe.presets.memory import PresetTooLargeError
-from keras_moe.presets.memory import available_memory_bytes
+from keras_moe.presets.memory import available_memory
 from keras_moe.presets.memory import check_fits_in_memory
 from keras_moe.presets.memory import weight_dtype
 from keras_moe.presets.parameter_count import count_params

@@ -31,7 +31,8 @@ def load(
     its weights.
 
     Before building, the weights' size in the chosen dtype is compared with
-    the memory this machine has available: a model that cannot fit raises
+    the free memory of the accelerator they go to, or of the host (see
+    `available_memory`): a model that cannot fit raises
     `PresetTooLargeError` (a `MemoryError`) at once, saying how many GiB it
     needs and how to shard it, instead of running out of memory halfway.
 

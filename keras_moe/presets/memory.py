@@ -1,4 +1,4 @@
-"""Refusing to build a model that cannot fit in this machine's memory."""
+"""Refusing to build a model that cannot fit in the memory available."""
 
 import os
 import re
@@ -28,8 +28,8 @@ class PresetTooLargeError(MemoryError):
         self.available_bytes = available_bytes
 
 
-def available_memory_bytes():
-    """Memory that new allocations can use now, in bytes, or None if unknown.
+def host_memory_bytes():
+    """Host memory that new allocations can use now, in bytes.
 
     Reads `MemAvailable` from `/proc/meminfo` (Linux: free memory plus what
     the kernel can reclaim), else the free physical pages from `os.sysconf`.
@@ -39,8 +39,8 @@ def available_memory_bytes():
 
     Example:
 
-    >>> from keras_moe.presets import available_memory_bytes
-    >>> available = available_memory_bytes()
+    >>> from keras_moe.presets.memory import host_memory_bytes
+    >>> available = host_memory_bytes()
     >>> available is None or available > 0
     True
     """
@@ -55,6 +55,70 @@ def available_memory_bytes():
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):
         return None
+
+
+def accelerator_memory_bytes():
+    """Free memory of the accelerator new weights go to, if one is used.
+
+    On JAX, the first device when it is not a CPU (its `bytes_limit` minus
+    `bytes_in_use`); on PyTorch, the current CUDA device
+    (`torch.cuda.mem_get_info`). TensorFlow reports no free GPU memory, so
+    there (and on CPU-only machines) this returns None.
+
+    Returns:
+        `(device_name, free_bytes)`, or None.
+
+    Example:
+
+    >>> from keras_moe.presets.memory import accelerator_memory_bytes
+    >>> found = accelerator_memory_bytes()
+    >>> found is None or found[1] >= 0
+    True
+    """
+    backend = keras.backend.backend()
+    try:
+        if backend == "jax":
+            import jax
+
+            device = jax.devices()[0]
+            stats = device.memory_stats() if device.platform != "cpu" else None
+            if stats and "bytes_limit" in stats:
+                free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+                return str(device), int(free)
+        elif backend == "torch":
+            import torch
+
+            if torch.cuda.is_available():
+                index = torch.cuda.current_device()
+                free, _ = torch.cuda.mem_get_info(index)
+                return f"cuda:{index}", int(free)
+    except Exception:  # A query that fails must not stop a load.
+        return None
+    return None
+
+
+def available_memory():
+    """Where new weights will be stored, and how many bytes are free there.
+
+    The accelerator when one is in use (see `accelerator_memory_bytes`),
+    else the host (`host_memory_bytes`).
+
+    Returns:
+        `(where, free_bytes)`, e.g. `("this machine", 22_000_000_000)` or
+        `("the accelerator cuda:0", ...)`, or None when unknown.
+
+    Example:
+
+    >>> from keras_moe.presets import available_memory
+    >>> where, free_bytes = available_memory() or ("unknown", 1)
+    >>> free_bytes > 0
+    True
+    """
+    accelerator = accelerator_memory_bytes()
+    if accelerator is not None:
+        return f"the accelerator {accelerator[0]}", accelerator[1]
+    host = host_memory_bytes()
+    return None if host is None else ("this machine", host)
 
 
 def weight_dtype(dtype=None):
@@ -106,7 +170,10 @@ def check_fits_in_memory(description, total_params, dtype=None):
     """Raise `PresetTooLargeError` if the weights cannot fit in memory.
 
     The need counted is the weights alone, `total_params` times the bytes
-    of the weight dtype: enough to build the model and run inference.
+    of the weight dtype: enough to build the model and run inference. It is
+    compared with the free memory of where the weights go: the accelerator
+    on JAX and PyTorch when one is used, else the host (`available_memory`;
+    TensorFlow reports no free GPU memory, so there the host is checked).
     Training with Adam holds about four times that (weights, gradients and
     two moments), so a model that passes here may still not train.
 
@@ -136,28 +203,36 @@ def check_fits_in_memory(description, total_params, dtype=None):
     """
     if keras.distribution.distribution() is not None:
         return
-    available = available_memory_bytes()
-    if available is None:
+    found = available_memory()
+    if found is None:
         return
+    where, available = found
     stored_as = weight_dtype(dtype)
     needed = total_params * bytes_per_parameter(stored_as)
     if needed <= available:
         return
-    half_precision = total_params * 2
-    raise PresetTooLargeError(
-        f"{description} has {total_params:,} parameters: its weights need "
-        f"{needed / GIB:,.1f} GiB ({needed:,} bytes) in {stored_as}, but this "
-        f"machine has {available / GIB:,.1f} GiB of memory available. "
-        "Building it would run out of memory. To make it fit: "
-        f"(1) load it in half precision, `dtype=\"bfloat16\"` "
-        f"({half_precision / GIB:,.1f} GiB), if that is enough; "
-        "(2) shard it over several devices: set a model-parallel "
-        "distribution before loading, e.g. "
+    ways = []
+    if bytes_per_parameter(stored_as) > 2:
+        half = total_params * 2
+        ways.append(
+            f'load it in half precision, `dtype="bfloat16"` ({half / GIB:,.1f} '
+            "GiB), if that fits"
+        )
+    ways.append(
+        "shard it over several devices (JAX backend): before `load`, call "
         "`keras.distribution.set_distribution(keras.distribution."
         "ModelParallel(layout_map=keras_moe.distribution.get_layout_map("
-        "device_mesh)))` with a `keras.distribution.DeviceMesh` whose devices "
-        f"hold {needed / GIB:,.1f} GiB together (JAX backend); "
-        "(3) use a machine with more memory, or more devices. "
+        'mesh, expert_axis="expert", model_axis="model"), '
+        'batch_dim_name="batch"))` with a `keras.distribution.DeviceMesh` '
+        f"`mesh` whose devices hold {needed / GIB:,.1f} GiB together"
+    )
+    ways.append("use a machine with more memory, or more devices")
+    numbered = "; ".join(f"({i}) {way}" for i, way in enumerate(ways, 1))
+    raise PresetTooLargeError(
+        f"{description} has {total_params:,} parameters: its weights need "
+        f"{needed / GIB:,.1f} GiB ({needed:,} bytes) in {stored_as}, but "
+        f"{where} has {available / GIB:,.1f} GiB of memory available, so "
+        f"building it would run out of memory. To make it fit: {numbered}. "
         "Training with Adam needs about 4x the weights' memory.",
         needed_bytes=needed,
         available_bytes=available,

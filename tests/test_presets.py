@@ -262,6 +262,12 @@ FAMILIES = {
         intermediate_dim=20, num_experts=4, top_k=2, moe_intermediate_dim=6,
         num_shared_experts=2, first_k_dense=1, moe_layer_frequency=2,
     ),
+    "explicit_moe_layers_rope_interleave": dict(
+        num_layers=4, attention_type="mla", kv_lora_rank=8,
+        qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4,
+        rope_interleave=False, intermediate_dim=20, num_experts=4, top_k=2,
+        moe_intermediate_dim=6, moe_layers=[0, 3],
+    ),
     "expert_biases": dict(
         num_layers=1, num_experts=3, top_k=1, moe_intermediate_dim=5,
         moe_options={"use_bias": True},

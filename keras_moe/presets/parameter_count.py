@@ -65,13 +65,7 @@ def count_params(name_or_config, *, active_embedding=True):
     attention = _attention_params(get, hidden_dim)
     norms = 2 * hidden_dim  # Before attention and before the feed-forward.
 
-    first_k_dense = get.int("first_k_dense", 0, min_value=0)
-    moe_layer_frequency = get.int("moe_layer_frequency", 1, min_value=1)
-    moe_layers = sum(
-        1
-        for index in range(num_layers)
-        if index >= first_k_dense and (index + 1) % moe_layer_frequency == 0
-    )
+    moe_layers = _num_moe_layers(get, num_layers)
     dense_layers = num_layers - moe_layers
 
     gated = get.bool("ffn_gated", True)
@@ -96,6 +90,27 @@ def count_params(name_or_config, *, active_embedding=True):
     if not active_embedding and not tied:
         active -= embedding
     return {"total": int(total), "active": int(active)}
+
+
+def _num_moe_layers(get, num_layers):
+    """MoE layers: those listed in `moe_layers`, else the first_k_dense and
+    moe_layer_frequency rule (layer `i` is MoE iff `i >= first_k_dense` and
+    `(i + 1) % moe_layer_frequency == 0`)."""
+    listed = get.config.get("moe_layers")
+    if listed is not None:
+        if not isinstance(listed, (list, tuple)):
+            raise ValueError(
+                "`moe_layers` must be None or a list of layer indices. "
+                f"Received: moe_layers={listed!r}"
+            )
+        return len({index for index in listed if 0 <= index < num_layers})
+    first_k_dense = get.int("first_k_dense", 0, min_value=0)
+    moe_layer_frequency = get.int("moe_layer_frequency", 1, min_value=1)
+    return sum(
+        1
+        for index in range(num_layers)
+        if index >= first_k_dense and (index + 1) % moe_layer_frequency == 0
+    )
 
 
 def _backbone_config(name_or_config):

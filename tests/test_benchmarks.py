@@ -58,3 +58,19 @@ def test_layers_benchmark_smoke_run_prints_every_ratio():
         "SoftMoE / SparseMoE",
     ):
         assert ratio in result.stdout, ratio
+
+
+def test_model_benchmark_smoke_run_reports_speedups():
+    backend = keras.backend.backend()
+    script = SCRIPT.parent / "mixtral_model_benchmark.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--backends", backend,
+         "--repeats", "1", "--experts", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "KERAS_BACKEND": backend},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "speed-up cf1.25" in result.stdout
+    assert f"{backend}   4" in result.stdout or f"{backend}  4" in result.stdout

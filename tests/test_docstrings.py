@@ -13,6 +13,13 @@ import keras_moe
 MODULES_WITH_EXAMPLES = {
     "keras_moe.distribution.expert_parallel",
     "keras_moe.distribution.layout_map",
+    "keras_moe.convert.checkpoint",
+    "keras_moe.convert.export",
+    "keras_moe.convert.families",
+    "keras_moe.convert.hub",
+    "keras_moe.convert.loading",
+    "keras_moe.convert.tokenizer",
+    "keras_moe.convert.weight_mapping",
     "keras_moe.layers.experts",
     "keras_moe.layers.soft_moe",
     "keras_moe.layers.sparse_moe",

@@ -58,8 +58,15 @@ class MoECausalLM(CausalLM):
     def __init__(self, backbone, preprocessor=None, **kwargs):
         tokenizer = getattr(preprocessor, "tokenizer", None)
         if tokenizer is not None and hasattr(tokenizer, "vocabulary_size"):
-            tokenizer_size = tokenizer.vocabulary_size()
-            if tokenizer_size > backbone.vocabulary_size:
+            try:
+                tokenizer_size = tokenizer.vocabulary_size()
+            except ValueError:
+                # A tokenizer whose vocabulary is an asset has none yet while
+                # a saved model is deserialized: keras-hub loads it after.
+                tokenizer_size = None
+            if tokenizer_size is not None and (
+                tokenizer_size > backbone.vocabulary_size
+            ):
                 raise ValueError(
                     f"The tokenizer has {tokenizer_size} token ids but the "
                     "backbone embeds only `vocabulary_size="

@@ -18,17 +18,22 @@ WEIGHTS_FILE = "model.weights.h5"
 SHARDED_WEIGHTS_FILE = "model.weights.json"
 # Keys that mark a `config.json` written by Hugging Face `transformers`.
 HUGGING_FACE_KEYS = ("model_type", "architectures")
+HUB_PREFIX = "hf://"
 
 
 def load(
     name_or_dir, preprocessor="default", *, check_memory=True, **overrides
 ):
-    """Build a `MoECausalLM` from a preset name or a saved preset directory.
+    """Build a `MoECausalLM` from a preset name, a directory or `hf://` handle.
 
     A name builds a fresh, randomly initialised model with the preset's
     config (`config(name)`), changed by `overrides`. A directory holds a
     model saved with `model.save_to_preset(directory)` and comes back with
-    its weights.
+    its weights. A directory holding a Hugging Face checkpoint (a
+    transformers `config.json` and safetensors weights), or an
+    `hf://org/name` handle, is converted by
+    `keras_moe.convert.from_transformers` (Mixtral, Qwen2-MoE, Qwen3-MoE,
+    DeepSeek-V2 and DeepSeek-V3 checkpoints).
 
     Before building, the weights' size in the chosen dtype is compared with
     the free memory of the accelerator they go to, or of the host (see
@@ -37,8 +42,10 @@ def load(
     needs and how to shard it, instead of running out of memory halfway.
 
     Args:
-        name_or_dir: a preset name (see `names()`), or the path of a
-            directory written by `save_to_preset`.
+        name_or_dir: a preset name (see `names()`), the path of a
+            directory written by `save_to_preset` or of a Hugging Face
+            checkpoint, or `hf://org/name` (downloaded with
+            `huggingface_hub`).
         preprocessor: `"default"` attaches the preset's preprocessor: the
             byte-level `MoECausalLMPreprocessor` (with the preset's training
             `sequence_length`) for presets that ship the byte tokenizer, the
@@ -51,7 +58,8 @@ def load(
         **overrides: `MoEBackbone` config entries replacing the preset's,
             e.g. `num_layers=2` or `dtype="bfloat16"`. A `moe_options` dict
             is merged into the preset's options. For a directory only
-            `dtype` can be given.
+            `dtype` can be given; for a Hugging Face checkpoint `dtype`,
+            `dropout` and `moe_options`.
 
     Returns:
         A `keras_moe.models.MoECausalLM`, not compiled.
@@ -62,7 +70,9 @@ def load(
             (the message names it).
         FileNotFoundError: for a directory that lacks files `load` needs
             (the message names them).
-        NotImplementedError: for a Hugging Face checkpoint directory.
+        keras_moe.convert.ConversionError: for a Hugging Face checkpoint
+            that cannot be converted (the message names the field or
+            tensor).
         PresetTooLargeError: if the weights cannot fit in memory.
 
     Example:
@@ -82,6 +92,8 @@ def load(
             f"Received: check_memory={check_memory!r}"
         )
     _check_preprocessor_argument(preprocessor)
+    if isinstance(name_or_dir, str) and name_or_dir.startswith(HUB_PREFIX):
+        return _load_hub(name_or_dir, preprocessor, check_memory, overrides)
     if isinstance(name_or_dir, os.PathLike) or (
         isinstance(name_or_dir, str) and name_or_dir not in names()
         and _looks_like_path(name_or_dir)
@@ -177,6 +189,8 @@ def _load_directory(directory, preprocessor, check_memory, overrides):
             f"{str(directory)!r} is neither a preset name nor an existing "
             f"directory. Preset names: {', '.join(names())}."
         )
+    if _holds_hugging_face_checkpoint(directory):
+        return _load_hugging_face(directory, preprocessor, check_memory, overrides)
     unknown = [key for key in overrides if key != "dtype"]
     if unknown:
         raise ValueError(
@@ -197,6 +211,38 @@ def _load_directory(directory, preprocessor, check_memory, overrides):
     return models.MoECausalLM.from_preset(str(directory), **kwargs)
 
 
+def _holds_hugging_face_checkpoint(directory):
+    try:
+        with open(directory / CONFIG_FILE, encoding="utf-8") as file:
+            saved_config = json.load(file)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(saved_config, dict) and any(
+        key in saved_config for key in HUGGING_FACE_KEYS
+    )
+
+
+def _load_hugging_face(directory, preprocessor, check_memory, overrides):
+    from keras_moe.convert import from_transformers
+
+    return from_transformers(
+        directory, preprocessor, check_memory=check_memory, **overrides
+    )
+
+
+def _load_hub(handle, preprocessor, check_memory, overrides):
+    """Download `hf://org/name`; load it as a checkpoint or a preset."""
+    from keras_moe.convert import hub
+
+    directory = hub.download(handle, patterns=[CONFIG_FILE])
+    if _holds_hugging_face_checkpoint(directory):
+        directory = hub.download(handle)
+        return _load_hugging_face(directory, preprocessor, check_memory, overrides)
+    # A keras-hub preset uploaded to the Hub: fetch all of it.
+    directory = hub.download(handle, patterns=["*"])
+    return _load_directory(directory, preprocessor, check_memory, overrides)
+
+
 def _read_directory_config(directory):
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
@@ -211,16 +257,6 @@ def _read_directory_config(directory):
             saved_config = json.load(file)
         except json.JSONDecodeError as error:
             raise ValueError(f"{config_path} is not valid JSON: {error}")
-    if isinstance(saved_config, dict) and any(
-        key in saved_config for key in HUGGING_FACE_KEYS
-    ):
-        model_type = saved_config.get("model_type", "unknown")
-        raise NotImplementedError(
-            f"{str(directory)!r} holds a Hugging Face checkpoint "
-            f"(model_type={model_type!r}); loading those is not supported "
-            "yet: it needs a checkpoint converter. `load` reads preset "
-            "directories written by `model.save_to_preset(directory)`."
-        )
     if not (
         isinstance(saved_config, dict)
         and isinstance(saved_config.get("config"), dict)

@@ -1,0 +1,261 @@
+"""`from_transformers`: a `MoECausalLM` from a Hugging Face checkpoint."""
+
+import re
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from keras_moe.convert import hub
+from keras_moe.convert.checkpoint import ConversionError
+from keras_moe.convert.checkpoint import SafetensorsCheckpoint
+from keras_moe.convert.checkpoint import read_config
+from keras_moe.convert.families import backbone_config_from_transformers
+from keras_moe.convert.families import check_model_type
+from keras_moe.convert.tokenizer import HuggingFaceTokenizer
+from keras_moe.convert.weight_mapping import weight_mappings
+
+# Tensors a checkpoint may hold that the model does not use: rotary
+# frequency buffers (recomputed) and, for DeepSeek-V3, the multi-token
+# prediction layers after the last decoder layer.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+# Overrides that change neither the architecture nor the weights.
+CHECKPOINT_OVERRIDES = ("dtype", "dropout", "moe_options")
+DEFAULT_SEQUENCE_LENGTH = 1024
+
+
+def from_transformers(
+    path, preprocessor="default", *, check_memory=True, **overrides
+):
+    """Load a Hugging Face checkpoint as a `MoECausalLM`, ready to fit.
+
+    `path` is a directory holding `config.json` and safetensors weights
+    (`model.safetensors`, or shards listed in `model.safetensors.index.json`),
+    or an `hf://org/name` handle, which is downloaded through
+    `huggingface_hub` and then read the same way. The `model_type` in
+    `config.json` picks the conversion: `mixtral`, `qwen2_moe`, `qwen3_moe`,
+    `deepseek_v2` or `deepseek_v3` (see `backbone_config_from_transformers`
+    for how each maps onto `MoEBackbone`).
+
+    Weights are read one tensor at a time from memory-mapped files and
+    assigned to the model's variables (stacked expert kernels are filled
+    expert by expert), so the checkpoint is never held in memory beside the
+    model. Only safetensors are read: pickled `.bin` checkpoints are refused.
+
+    Args:
+        path: a checkpoint directory (str or path) or `hf://org/name`.
+        preprocessor: `"default"` attaches a `MoECausalLMPreprocessor` with
+            a `HuggingFaceTokenizer` when the checkpoint has a
+            `tokenizer.json` (none otherwise); `None` gives a model that
+            takes token ids; a preprocessor instance is attached as is.
+        check_memory: bool, refuse (`PresetTooLargeError`) a checkpoint whose
+            weights do not fit in the available memory, before building.
+        **overrides: `dtype` (the model's dtype policy, e.g. `"bfloat16"`;
+            default: the Keras default), `dropout`, and `moe_options`
+            (merged into the converted options, e.g.
+            `{"capacity_factor": 1.25}` to train with capacity limits; the
+            default is dropless routing, as in transformers).
+
+    Returns:
+        A `keras_moe.models.MoECausalLM`, not compiled.
+
+    Raises:
+        ConversionError: for an unsupported `model_type`, a config field
+            keras-moe cannot reproduce, a missing tensor or one of the wrong
+            shape (each named), or a checkpoint with pickled weights only.
+        FileNotFoundError: for a directory without `config.json`.
+        PresetTooLargeError: if the weights cannot fit in memory.
+
+    Example:
+
+    >>> import tempfile
+    >>> from keras_moe import convert, presets
+    >>> model = presets.load("mixtral_small", preprocessor=None, num_layers=1)
+    >>> directory = tempfile.mkdtemp()
+    >>> convert.to_transformers(model, directory)
+    >>> loaded = convert.from_transformers(directory, preprocessor=None)
+    >>> loaded.backbone.num_experts == model.backbone.num_experts
+    True
+    """
+    _check_overrides(overrides)
+    directory = _local_directory(path)
+    hf_config = read_config(directory)
+    model_type = check_model_type(hf_config)
+    _check_unquantized(hf_config)
+    backbone_config = backbone_config_from_transformers(hf_config)
+    _apply_overrides(backbone_config, overrides)
+
+    checkpoint = SafetensorsCheckpoint(directory)
+    try:
+        if check_memory:
+            from keras_moe.presets.memory import check_fits_in_memory
+
+            check_fits_in_memory(
+                f"The checkpoint in {str(path)!r}",
+                checkpoint.num_elements(),
+                backbone_config.get("dtype"),
+            )
+        from keras_moe import models
+
+        backbone = models.MoEBackbone(**backbone_config)
+        load_weights(backbone, checkpoint, model_type)
+    finally:
+        checkpoint.close()
+
+    if isinstance(preprocessor, str):
+        if preprocessor != "default":
+            raise ValueError(
+                "`preprocessor` must be 'default', None or a preprocessor. "
+                f"Received: preprocessor={preprocessor!r}"
+            )
+        preprocessor = None
+        tokenizer = HuggingFaceTokenizer.from_checkpoint(directory, hf_config)
+        if tokenizer is not None:
+            from keras_moe import models
+
+            preprocessor = models.MoECausalLMPreprocessor(
+                tokenizer, sequence_length=DEFAULT_SEQUENCE_LENGTH
+            )
+    from keras_moe import models
+
+    return models.MoECausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
+def _check_overrides(overrides):
+    unknown = [key for key in overrides if key not in CHECKPOINT_OVERRIDES]
+    if unknown:
+        raise ValueError(
+            f"Overrides {', '.join(map(repr, unknown))} cannot be applied to "
+            "a Hugging Face checkpoint: its config and weights fix the "
+            f"architecture. Accepted: {', '.join(CHECKPOINT_OVERRIDES)}."
+        )
+
+
+def _apply_overrides(backbone_config, overrides):
+    for key, value in overrides.items():
+        if key == "moe_options":
+            if not isinstance(value, dict):
+                raise ValueError(
+                    f"`moe_options` must be a dict. Received: moe_options={value!r}"
+                )
+            value = {**backbone_config["moe_options"], **value}
+        backbone_config[key] = value
+
+
+def _local_directory(path):
+    if hub.is_hub_handle(path):
+        return hub.download(path)
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{str(path)!r} is not a directory.")
+    return directory
+
+
+def _check_unquantized(hf_config):
+    quantization = hf_config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unknown")
+        raise ConversionError(
+            "config.json has a `quantization_config` "
+            f"(quant_method={method!r}): quantized weights are not converted. "
+            "Use a checkpoint in bfloat16/float16/float32 (DeepSeek publishes "
+            "scripts that dequantize its FP8 weights to bfloat16)."
+        )
+
+
+def _numpy_dtype(variable):
+    """A NumPy dtype that holds the variable's values (float32 for bf16)."""
+    dtype = keras.backend.standardize_dtype(variable.dtype)
+    return np.dtype(dtype) if dtype in ("float16", "float32", "float64") else np.dtype("float32")
+
+
+def check_tensors(mappings, checkpoint):
+    """Every tensor the model needs is present, with the shape it needs.
+
+    Only the file headers are read.
+
+    Raises:
+        ConversionError: naming the first missing tensors, or each tensor
+            whose shape differs (with both shapes and the Keras weight).
+    """
+    missing, wrong = [], []
+    for mapping in mappings:
+        expected = mapping.checkpoint_shape()
+        for name in mapping.names:
+            if name not in checkpoint:
+                missing.append(name)
+                continue
+            shape = tuple(checkpoint.shape(name))
+            if shape != expected:
+                wrong.append(
+                    f"`{name}` has shape {list(shape)} but the config needs "
+                    f"{list(expected)} (for `{mapping.variable.path}`)"
+                )
+    if missing:
+        shown = ", ".join(f"`{name}`" for name in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise ConversionError(
+            f"The checkpoint in {str(checkpoint.directory)!r} is missing "
+            f"{len(missing)} tensor(s) that its config.json describes: "
+            f"{shown}{more}."
+        )
+    if wrong:
+        raise ConversionError(
+            f"The checkpoint in {str(checkpoint.directory)!r} does not match "
+            "its config.json: " + "; ".join(wrong) + "."
+        )
+
+
+def load_weights(backbone, checkpoint, model_type):
+    """Assign a checkpoint's tensors to a built `MoEBackbone`, one at a time.
+
+    Args:
+        backbone: a `MoEBackbone` built from the checkpoint's config.
+        checkpoint: a `SafetensorsCheckpoint`.
+        model_type: the checkpoint's `model_type`.
+
+    Raises:
+        ConversionError: for missing tensors and tensors of the wrong shape
+            (checked before any weight is assigned).
+    """
+    mappings = weight_mappings(backbone, model_type)
+    check_tensors(mappings, checkpoint)
+    used = set()
+    for mapping in mappings:
+        variable = mapping.variable
+        dtype = _numpy_dtype(variable)
+        if mapping.kind == "experts":
+            # One expert's tensor at a time into the stacked kernel.
+            value = np.empty(tuple(variable.shape), dtype=dtype)
+            for j, name in enumerate(mapping.names):
+                value[j] = mapping.to_keras(checkpoint.get(name))
+        else:
+            (name,) = mapping.names
+            value = np.asarray(mapping.to_keras(checkpoint.get(name)), dtype=dtype)
+        variable.assign(value)
+        del value
+        used.update(mapping.names)
+    _warn_unused(checkpoint, used, backbone.num_layers)
+
+
+def _warn_unused(checkpoint, used, num_layers):
+    unused = []
+    for name in checkpoint.keys():
+        if name in used or _IGNORED.match(name):
+            continue
+        layer = _LAYER_INDEX.match(name)
+        if layer and int(layer.group(1)) >= num_layers:
+            continue  # Multi-token prediction layers.
+        if ".experts." in name and name.endswith(("gate_up_proj", "down_proj")):
+            continue  # Stacked experts, read under per-expert names.
+        unused.append(name)
+    if unused:
+        shown = ", ".join(unused[:10])
+        more = f" and {len(unused) - 10} more" if len(unused) > 10 else ""
+        warnings.warn(
+            f"{len(unused)} tensor(s) of the checkpoint were not used: "
+            f"{shown}{more}.",
+            stacklevel=3,
+        )

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import keras
+import pytest
 
 SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "sparse_moe_benchmark.py"
 
@@ -60,6 +61,11 @@ def test_layers_benchmark_smoke_run_prints_every_ratio():
         assert ratio in result.stdout, ratio
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch",
+    reason="compiling three models' train steps takes minutes under XLA; "
+    "the script's code is the same on every backend, smoke-run it eagerly",
+)
 def test_model_benchmark_smoke_run_reports_speedups():
     backend = keras.backend.backend()
     script = SCRIPT.parent / "mixtral_model_benchmark.py"

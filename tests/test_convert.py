@@ -1,0 +1,537 @@
+"""Hugging Face checkpoints: conversion matches transformers, export round-trips.
+
+Each family gets a tiny random checkpoint written by `transformers` (CPU
+torch, whatever the Keras backend), with weights large enough that routing
+is decisive, and a batch with padding. TensorFlow runs every family; JAX and
+PyTorch run Mixtral (the conversion code is backend-independent NumPy).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+from keras_moe import convert  # noqa: E402
+from keras_moe import presets  # noqa: E402
+from keras_moe.convert import ConversionError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-4
+VOCABULARY_SIZE = 64
+ALL_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+FAMILIES = (
+    ALL_FAMILIES if keras.backend.backend() == "tensorflow" else ("mixtral",)
+)
+COMMON = dict(
+    vocab_size=VOCABULARY_SIZE,
+    hidden_size=16,
+    num_attention_heads=4,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+MLA = dict(
+    num_key_value_heads=4,
+    kv_lora_rank=8,
+    qk_nope_head_dim=4,
+    qk_rope_head_dim=4,
+    v_head_dim=6,
+    intermediate_size=32,
+    moe_intermediate_size=8,
+    first_k_dense_replace=1,
+    num_hidden_layers=3,
+)
+CONFIGS = {
+    "mixtral": lambda: transformers.MixtralConfig(
+        **COMMON,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rope_theta=10000.0,
+    ),
+    # A dense layer from `mlp_only_layers`, a gated shared expert, q/k/v bias,
+    # top-k weights not renormalised.
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **COMMON,
+        num_hidden_layers=3,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        shared_expert_intermediate_size=24,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mlp_only_layers=[1],
+        norm_topk_prob=False,
+    ),
+    # Per-head q/k norm, head_dim != hidden_size // heads, every 2nd layer
+    # MoE (`decoder_sparse_step`), renormalised top-k.
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **COMMON,
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=2,
+        norm_topk_prob=True,
+    ),
+    # MLA without a query LoRA, greedy softmax routing times a scaling
+    # factor, two shared experts.
+    "deepseek_v2": lambda: transformers.DeepseekV2Config(
+        **COMMON,
+        **MLA,
+        q_lora_rank=None,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=2,
+        routed_scaling_factor=2.0,
+        topk_method="greedy",
+    ),
+    # MLA with a query LoRA and interleaved RoPE, sigmoid group-limited
+    # routing over scores + e_score_correction_bias, renormalised and scaled.
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        **COMMON,
+        **MLA,
+        q_lora_rank=12,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        rope_interleave=True,
+    ),
+}
+
+
+def randomize(model, seed=0):
+    """Weights far from init, so routing and attention are decisive."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                values = 0.5 + torch.rand(parameter.shape, generator=generator)
+            elif parameter.ndim == 1:
+                values = 0.2 * torch.randn(parameter.shape, generator=generator)
+            else:
+                fan_in = parameter.shape[-1]
+                values = torch.randn(parameter.shape, generator=generator)
+                values = values * (1.5 / fan_in**0.5)
+            parameter.copy_(values)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
+
+
+def padded_batch():
+    rng = np.random.default_rng(1)
+    token_ids = rng.integers(1, VOCABULARY_SIZE, size=(3, 9)).astype("int32")
+    padding_mask = np.ones((3, 9), "int32")
+    padding_mask[1, 6:] = 0
+    padding_mask[2, 3:] = 0
+    token_ids[padding_mask == 0] = 0
+    return token_ids, padding_mask
+
+
+def transformers_logits(model, token_ids, padding_mask):
+    with torch.no_grad():
+        outputs = model(
+            input_ids=torch.tensor(token_ids, dtype=torch.long),
+            attention_mask=torch.tensor(padding_mask, dtype=torch.long),
+        )
+    return outputs.logits.float().numpy()
+
+
+def keras_logits(model, token_ids, padding_mask):
+    logits = model({"token_ids": token_ids, "padding_mask": padding_mask})
+    return keras.ops.convert_to_numpy(keras.ops.cast(logits, "float32"))
+
+
+def max_difference(a, b, padding_mask):
+    real = padding_mask.astype(bool)
+    return float(np.abs(a - b)[real].max())
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """`{family: (directory, reference logits)}`, made once per module."""
+    token_ids, padding_mask = padded_batch()
+    made = {}
+    for family in FAMILIES:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(CONFIGS[family]())
+        model.eval()
+        randomize(model)
+        directory = tmp_path_factory.mktemp(family)
+        model.save_pretrained(directory)
+        made[family] = (directory, transformers_logits(model, token_ids, padding_mask))
+    return made
+
+
+def copy_checkpoint(source, destination):
+    shutil.copytree(source, destination)
+    return destination
+
+
+# --- Loading: same logits as transformers --------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(checkpoints, family):
+    directory, expected = checkpoints[family]
+    token_ids, padding_mask = padded_batch()
+    model = presets.load(directory, preprocessor=None)
+    logits = keras_logits(model, token_ids, padding_mask)
+    assert np.abs(expected).max() > 1.0  # Not a vanishing signal.
+    assert max_difference(logits, expected, padding_mask) < TOLERANCE
+
+
+def test_converted_configs_follow_each_family(checkpoints):
+    directory, _ = checkpoints["mixtral"]
+    backbone = presets.load(directory, preprocessor=None).backbone
+    options = backbone.moe_options
+    assert options["capacity_factor"] is None  # Dropless, as transformers.
+    assert options["normalize_top_k"] is True
+    if "qwen2_moe" in checkpoints:
+        backbone = presets.load(checkpoints["qwen2_moe"][0], preprocessor=None).backbone
+        kinds = [type(b.feedforward).__name__ for b in backbone.transformer_layers]
+        assert kinds == ["SharedExpertMoE", "FeedForward", "SharedExpertMoE"]
+        assert backbone.attention_bias and backbone.shared_expert_gate
+    if "deepseek_v3" in checkpoints:
+        backbone = presets.load(checkpoints["deepseek_v3"][0], preprocessor=None).backbone
+        router = backbone.transformer_layers[1].feedforward.router
+        assert router.score_function == "sigmoid"
+        assert (router.expert_groups, router.top_groups) == (4, 2)
+        assert router.routed_scaling_factor == 2.5
+        # e_score_correction_bias became the router's balancing bias.
+        assert not router.expert_bias.trainable
+        assert np.abs(keras.ops.convert_to_numpy(router.expert_bias)).max() > 0
+
+
+def test_sharded_checkpoint(checkpoints, tmp_path):
+    directory, expected = checkpoints["mixtral"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    token_ids, padding_mask = padded_batch()
+    logits = keras_logits(presets.load(sharded, preprocessor=None), token_ids, padding_mask)
+    assert max_difference(logits, expected, padding_mask) < TOLERANCE
+
+
+def test_hub_handle_downloads_then_loads_the_same_way(checkpoints, monkeypatch):
+    import huggingface_hub
+
+    directory, expected = checkpoints["mixtral"]
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, allow_patterns))
+        return str(directory)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    token_ids, padding_mask = padded_batch()
+    model = presets.load("hf://example-org/tiny-mixtral@main", preprocessor=None)
+    logits = keras_logits(model, token_ids, padding_mask)
+    assert max_difference(logits, expected, padding_mask) < TOLERANCE
+    assert {call[:2] for call in calls} == {("example-org/tiny-mixtral", "main")}
+    patterns = calls[-1][2]
+    assert "*.safetensors" in patterns and not any(".bin" in p for p in patterns)
+
+
+def test_keras_hub_mixtral_gives_the_same_logits(checkpoints):
+    import keras_hub
+
+    directory, expected = checkpoints["mixtral"]
+    token_ids, padding_mask = padded_batch()
+    reference = keras_hub.models.MixtralBackbone.from_preset(str(directory))
+    hidden = reference({"token_ids": token_ids, "padding_mask": padding_mask})
+    hub_logits = keras.ops.convert_to_numpy(
+        reference.token_embedding(hidden, reverse=True)
+    )
+    ours = keras_logits(presets.load(directory, preprocessor=None), token_ids, padding_mask)
+    assert max_difference(hub_logits, expected, padding_mask) < TOLERANCE
+    assert max_difference(ours, hub_logits, padding_mask) < TOLERANCE
+
+
+# --- Export: transformers loads it back to the same logits ----------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_round_trip(checkpoints, family, tmp_path):
+    directory, expected = checkpoints[family]
+    model = presets.load(directory, preprocessor=None)
+    convert.to_transformers(model, tmp_path / "exported")
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["model_type"] == family
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    source = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    source_state = source.state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, source_state[name]), name
+    token_ids, padding_mask = padded_batch()
+    logits = transformers_logits(reloaded.eval(), token_ids, padding_mask)
+    assert max_difference(logits, expected, padding_mask) < TOLERANCE
+
+
+def test_sharded_export_loads_in_both_directions(checkpoints, tmp_path):
+    directory, expected = checkpoints["mixtral"]
+    model = presets.load(directory, preprocessor=None)
+    convert.to_transformers(model, tmp_path / "out", max_shard_size=16_000)
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert "model.safetensors.index.json" in files
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1
+    token_ids, padding_mask = padded_batch()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    logits = transformers_logits(reloaded.eval(), token_ids, padding_mask)
+    assert max_difference(logits, expected, padding_mask) < TOLERANCE
+    again = keras_logits(presets.load(tmp_path / "out", preprocessor=None), token_ids, padding_mask)
+    assert max_difference(again, expected, padding_mask) < TOLERANCE
+
+
+def test_preset_model_exports_as_mixtral(tmp_path):
+    model = presets.load("mixtral_small", preprocessor=None, num_layers=1)
+    convert.to_transformers(model, tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    token_ids, padding_mask = padded_batch()
+    expected = keras_logits(model, token_ids, padding_mask)
+    logits = transformers_logits(reloaded, token_ids, padding_mask)
+    assert max_difference(logits, expected, padding_mask) < TOLERANCE
+
+
+def test_export_refuses_what_the_family_cannot_express(tmp_path):
+    model = presets.load(
+        "mixtral_small", preprocessor=None, num_layers=1, ffn_gated=False
+    )
+    with pytest.raises(ConversionError, match="ffn_gated"):
+        convert.to_transformers(model, tmp_path)
+    with pytest.raises(ConversionError, match="attention"):
+        convert.to_transformers(
+            presets.load("mixtral_small", preprocessor=None, num_layers=1),
+            tmp_path,
+            model_type="deepseek_v3",
+        )
+
+
+# --- Errors name the tensor or field --------------------------------------
+
+
+def rewrite_tensors(directory, change):
+    path = directory / "model.safetensors"
+    from safetensors.numpy import load_file
+
+    tensors = load_file(path)
+    change(tensors)
+    safetensors_numpy.save_file(tensors, path, {"format": "pt"})
+
+
+def test_missing_tensor_is_named(checkpoints, tmp_path):
+    directory = copy_checkpoint(checkpoints["mixtral"][0], tmp_path / "c")
+    name = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+    rewrite_tensors(directory, lambda tensors: tensors.pop(name))
+    with pytest.raises(ConversionError, match=f"missing 1 tensor.*`{name}`"):
+        presets.load(directory, preprocessor=None)
+
+
+def test_wrong_shape_is_named(checkpoints, tmp_path):
+    directory = copy_checkpoint(checkpoints["mixtral"][0], tmp_path / "c")
+    name = "model.layers.0.self_attn.k_proj.weight"
+
+    def truncate(tensors):
+        tensors[name] = tensors[name][:4]
+
+    rewrite_tensors(directory, truncate)
+    with pytest.raises(ConversionError) as error:
+        presets.load(directory, preprocessor=None)
+    message = str(error.value)
+    assert f"`{name}` has shape [4, 16] but the config needs [8, 16]" in message
+    assert "decoder_block_0/attention/key/kernel" in message
+
+
+def write_config(directory, config):
+    directory.mkdir(exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_unsupported_model_type_is_named(tmp_path):
+    write_config(tmp_path, {"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    with pytest.raises(ConversionError, match="`model_type`='llama'.*mixtral"):
+        presets.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}),
+        ("quantization_config", {"quant_method": "fp8"}),
+        ("hidden_act", "gelu_pytorch_tanh"),
+        ("vocab_size", None),
+    ],
+)
+def test_unsupported_or_missing_fields_are_named(checkpoints, tmp_path, field, value):
+    directory = copy_checkpoint(checkpoints["mixtral"][0], tmp_path / "c")
+    config = json.loads((directory / "config.json").read_text())
+    config[field] = value
+    write_config(directory, config)
+    with pytest.raises(ConversionError, match=f"`{field}`"):
+        presets.load(directory, preprocessor=None)
+
+
+def test_group_limited_greedy_deepseek_v2_is_refused(tmp_path):
+    config = CONFIGS["deepseek_v2"]().to_dict()
+    config.update(model_type="deepseek_v2", topk_method="group_limited_greedy")
+    with pytest.raises(ConversionError, match="`topk_method`"):
+        convert.backbone_config_from_transformers(config)
+
+
+def test_pickled_checkpoints_are_refused_and_never_unpickled(
+    checkpoints, tmp_path, monkeypatch
+):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load must never be called")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    config = json.loads((checkpoints["mixtral"][0] / "config.json").read_text())
+    directory = write_config(tmp_path / "pickled", config)
+    (directory / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ConversionError, match="pytorch_model.bin.*safetensors"):
+        presets.load(directory, preprocessor=None)
+
+
+def test_overrides_that_change_the_architecture_are_refused(checkpoints):
+    with pytest.raises(ValueError, match="'num_layers'"):
+        presets.load(checkpoints["mixtral"][0], num_layers=1)
+
+
+def test_moe_options_override_keeps_the_weights(checkpoints):
+    directory, expected = checkpoints["mixtral"]
+    model = presets.load(
+        directory, preprocessor=None, moe_options={"aux_loss_weight": 0.0}
+    )
+    assert model.backbone.moe_options["aux_loss_weight"] == 0.0
+    assert model.backbone.moe_options["capacity_factor"] is None
+    token_ids, padding_mask = padded_batch()
+    logits = keras_logits(model, token_ids, padding_mask)
+    assert max_difference(logits, expected, padding_mask) < TOLERANCE
+
+
+# --- Tokenizer ---------------------------------------------------------------
+
+TEXT = "the quick brown fox jumps over the lazy dog. the dog sleeps."
+
+
+def add_tokenizer(directory):
+    """A tiny byte-level BPE tokenizer, as transformers checkpoints ship."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCABULARY_SIZE, special_tokens=["<s>", "</s>"]
+    )
+    tokenizer.train_from_iterator([TEXT] * 4, trainer)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "add_bos_token": True,
+            }
+        )
+    )
+    return tokenizer
+
+
+def test_tokenizer_matches_transformers_and_generates(checkpoints, tmp_path):
+    directory = copy_checkpoint(checkpoints["mixtral"][0], tmp_path / "c")
+    add_tokenizer(directory)
+    model = presets.load(directory)
+    tokenizer = model.preprocessor.tokenizer
+    assert isinstance(tokenizer, convert.HuggingFaceTokenizer)
+    assert tokenizer.vocabulary_size() <= VOCABULARY_SIZE
+    reference = transformers.AutoTokenizer.from_pretrained(directory)
+    text = "the lazy fox sleeps"
+    expected = reference(text, add_special_tokens=False)["input_ids"]
+    assert [int(i) for i in tokenizer(text)] == expected
+    assert tokenizer.start_token_id == reference.bos_token_id
+    assert tokenizer.end_token_id == reference.eos_token_id
+    x, _, _ = model.preprocessor([text], sequence_length=12)
+    ids = keras.ops.convert_to_numpy(x["token_ids"])[0].tolist()
+    assert ids[: len(expected) + 2] == (
+        [reference.bos_token_id] + expected + [reference.eos_token_id]
+    )
+    model.compile(sampler="greedy")
+    assert isinstance(model.generate("the dog", max_length=10), str)
+
+    # The tokenizer is saved with the model and comes back with it.
+    saved = tmp_path / "saved"
+    model.save_to_preset(saved)
+    restored = presets.load(saved)
+    assert [int(i) for i in restored.preprocessor.tokenizer(text)] == expected
+
+    # And it is exported beside the weights.
+    convert.to_transformers(model, tmp_path / "exported")
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert exported(text, add_special_tokens=False)["input_ids"] == expected
+
+
+def test_tokenizer_runs_inside_tf_data(checkpoints, tmp_path):
+    import tensorflow as tf
+
+    directory = copy_checkpoint(checkpoints["mixtral"][0], tmp_path / "c")
+    add_tokenizer(directory)
+    preprocessor = presets.load(directory).preprocessor
+    dataset = tf.data.Dataset.from_tensor_slices([TEXT, "the dog"]).batch(2)
+    x, y, sample_weight = next(iter(dataset.map(
+        lambda text: preprocessor(text, sequence_length=8)
+    )))
+    direct, _, _ = preprocessor([TEXT, "the dog"], sequence_length=8)
+    np.testing.assert_array_equal(
+        np.asarray(x["token_ids"]), keras.ops.convert_to_numpy(direct["token_ids"])
+    )
+
+
+# --- The guide ----------------------------------------------------------------
+
+
+def test_checkpoint_conversion_guide_runs_in_fast_mode():
+    env = dict(
+        os.environ,
+        KERAS_BACKEND=keras.backend.backend(),
+        KERAS_MOE_GUIDE_FAST="1",
+    )
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "guides" / "checkpoint_conversion.py")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "max |logits difference|" in result.stdout
+
+
+def test_checkpoint_conversion_notebook_matches_the_script():
+    jupytext = pytest.importorskip("jupytext")
+    script = jupytext.read(ROOT / "guides" / "checkpoint_conversion.py")
+    notebook = jupytext.read(ROOT / "guides" / "checkpoint_conversion.ipynb")
+    assert [c.source for c in script.cells] == [c.source for c in notebook.cells]

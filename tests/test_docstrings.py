@@ -11,6 +11,8 @@ import keras_moe
 
 # Modules whose public classes and functions must show a runnable example.
 MODULES_WITH_EXAMPLES = {
+    "keras_moe.callbacks.heatmap",
+    "keras_moe.callbacks.router_stats",
     "keras_moe.distribution.expert_parallel",
     "keras_moe.distribution.layout_map",
     "keras_moe.convert.checkpoint",
@@ -32,7 +34,9 @@ MODULES_WITH_EXAMPLES = {
     "keras_moe.models.moe_tokenizer",
     "keras_moe.models.multi_head_latent_attention",
     "keras_moe.models.rms_normalization",
+    "keras_moe.models.yarn",
     "keras_moe.ops.dispatch",
+    "keras_moe.ops.router_stats",
     "keras_moe.presets.loading",
     "keras_moe.presets.memory",
     "keras_moe.presets.parameter_count",

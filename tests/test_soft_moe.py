@@ -422,7 +422,7 @@ def test_get_config_round_trip():
     assert set(config) - base_keys == {
         "num_experts", "intermediate_dim", "slots_per_expert", "activation",
         "gated", "use_bias", "kernel_initializer", "bias_initializer",
-        "slot_initializer",
+        "slot_initializer", "track_router_stats",
     }
     restored = SoftMoE.from_config(config)
     assert restored.get_config() == config

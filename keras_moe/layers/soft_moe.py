@@ -5,6 +5,10 @@ from keras import ops
 
 from keras_moe.layers.experts import Experts
 from keras_moe.layers.sparse_moe import router_dtype_for
+from keras_moe.ops.router_stats import SOFT
+from keras_moe.ops.router_stats import RouterStatsMetric
+from keras_moe.ops.router_stats import soft_routing_stats
+from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_int
 
 # Added under the square root of the L2 normalisation, so that an all-zero
@@ -77,6 +81,12 @@ class SoftMoE(keras.layers.Layer):
     tokens (a Keras mask, or the `mask` call argument) take no part in the
     dispatch softmax, whatever values they hold, and get a zero output.
 
+    With `track_router_stats=True` each training call records statistics of
+    the dispatch and combine weights (their entropies and largest weights,
+    each expert's share of the combine weight; see
+    `keras_moe.ops.router_stats`) in `layer.router_stats`, which
+    `keras_moe.callbacks` reads together with the learned `scale`.
+
     Args:
         num_experts: int, the number of experts `E`.
         intermediate_dim: int, the hidden width of each expert.
@@ -91,13 +101,16 @@ class SoftMoE(keras.layers.Layer):
         slot_initializer: initializer of the slot parameters `slot_kernel`,
             `[d, E * S]` (column `e * S + s` is slot `s` of expert `e`).
             Defaults to `"lecun_normal"`.
+        track_router_stats: bool, record routing statistics in training
+            calls. Defaults to True.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
         inputs: `[batch, tokens, d]`.
         mask: optional bool `[batch, tokens]`, False for padding tokens.
             Propagated Keras masks are used automatically.
-        training: accepted for a uniform MoE-layer call; changes nothing.
+        training: accepted for a uniform MoE-layer call; changes nothing
+            in the outputs (training calls record router statistics).
 
     Returns:
         A tensor of the shape of `inputs`.
@@ -126,9 +139,16 @@ class SoftMoE(keras.layers.Layer):
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         slot_initializer="lecun_normal",
+        track_router_stats=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.track_router_stats = check_bool(
+            "track_router_stats", track_router_stats
+        )
+        self.router_stats = (
+            RouterStatsMetric(SOFT) if self.track_router_stats else None
+        )
         self.num_experts = check_int("num_experts", num_experts, min_value=1)
         self.intermediate_dim = check_int(
             "intermediate_dim", intermediate_dim, min_value=1
@@ -180,6 +200,19 @@ class SoftMoE(keras.layers.Layer):
         self.experts.build(
             (None, self.num_experts, self.slots_per_expert, self.hidden_dim)
         )
+        if self.router_stats is not None:
+            self.router_stats.build_state(
+                self, self.num_experts, {"scale": self.scale}
+            )
+
+    @property
+    def variables(self):
+        # Router statistics accumulators: state threaded through compiled
+        # steps, but not weights (neither saved nor counted).
+        variables = super().variables
+        if self.router_stats is not None:
+            variables.extend(self.router_stats.state_variables)
+        return variables
 
     def _check_input_shape(self, shape):
         if len(shape) != 3 or shape[-1] != self.hidden_dim:
@@ -264,6 +297,17 @@ class SoftMoE(keras.layers.Layer):
         token_mask = self._token_mask(inputs, mask)
         tokens = self._zero_padding(inputs, token_mask)
         routing = self._routing(tokens, token_mask)
+        if self.router_stats is not None:
+            self.router_stats.observe(
+                self,
+                training,
+                lambda: soft_routing_stats(
+                    routing.dispatch_weights,
+                    routing.combine_weights,
+                    self.num_experts,
+                    token_mask,
+                ),
+            )
 
         dispatch_weights = ops.cast(routing.dispatch_weights, tokens.dtype)
         slot_inputs = ops.einsum("btn,btd->bnd", dispatch_weights, tokens)
@@ -293,6 +337,7 @@ class SoftMoE(keras.layers.Layer):
                 "slot_initializer": keras.initializers.serialize(
                     self.slot_initializer
                 ),
+                "track_router_stats": self.track_router_stats,
             }
         )
         for key in (

@@ -13,6 +13,10 @@ from keras_moe.ops.dispatch import expert_capacity
 from keras_moe.ops.router_losses import load_balancing_loss
 from keras_moe.ops.router_losses import router_z_loss
 from keras_moe.ops.router_losses import sequence_load_balancing_loss
+from keras_moe.ops.router_stats import ROUTED
+from keras_moe.ops.router_stats import RouterStatsMetric
+from keras_moe.ops.router_stats import expert_choice_stats
+from keras_moe.ops.router_stats import token_choice_stats
 from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_choice
 from keras_moe.utils.argument_validation import check_float
@@ -91,6 +95,13 @@ class SparseMoE(keras.layers.Layer):
     Padding tokens (a Keras mask, or the `mask` call argument) are not
     routed, take no capacity, count in no loss, and get a zero output.
 
+    With `track_router_stats=True` each training call also records router
+    statistics from the routing it just did (expert load, importance,
+    dropped fraction, the balance losses, MaxVio, router entropy; see
+    `keras_moe.ops.router_stats`) in `layer.router_stats`, a Keras metric:
+    `model.fit` logs `moe_aux_loss`, `moe_maxvio` and `moe_dropped_fraction`,
+    and `keras_moe.callbacks` reads the rest.
+
     Args:
         num_experts: int, the number of experts `E`.
         intermediate_dim: int, the hidden width of each expert.
@@ -126,6 +137,8 @@ class SparseMoE(keras.layers.Layer):
         bias_initializer: initializer of the expert biases.
         router_initializer: initializer of the router kernel.
         seed: optional int, seeds the router's jitter and gating noise.
+        track_router_stats: bool, record router statistics in training
+            calls. Defaults to True; False removes their (small) cost.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -186,10 +199,17 @@ class SparseMoE(keras.layers.Layer):
         bias_initializer="zeros",
         router_initializer="glorot_uniform",
         seed=None,
+        track_router_stats=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.num_experts = check_int("num_experts", num_experts, min_value=1)
+        self.track_router_stats = check_bool(
+            "track_router_stats", track_router_stats
+        )
+        self.router_stats = (
+            RouterStatsMetric(ROUTED) if self.track_router_stats else None
+        )
         self.intermediate_dim = check_int(
             "intermediate_dim", intermediate_dim, min_value=1
         )
@@ -290,6 +310,21 @@ class SparseMoE(keras.layers.Layer):
         )
         self.router.build((None, self.hidden_dim))
         self.experts.build((self.num_experts, None, self.hidden_dim))
+        if self.router_stats is not None:
+            readouts = {}
+            if getattr(self.router, "expert_bias", None) is not None:
+                readouts["expert_bias"] = self.router.expert_bias
+            self.router_stats.build_state(self, self.num_experts, readouts)
+
+    @property
+    def variables(self):
+        # The router statistics accumulators are state, not weights: listed
+        # here (so `jax.jit` steps thread them like any non-trainable state)
+        # but not in `weights`, so they are neither saved nor counted.
+        variables = super().variables
+        if self.router_stats is not None:
+            variables.extend(self.router_stats.state_variables)
+        return variables
 
     def _check_input_shape(self, shape):
         if len(shape) < 2 or shape[-1] != self.hidden_dim:
@@ -348,6 +383,18 @@ class SparseMoE(keras.layers.Layer):
         )
         expert_outputs = self._run_experts(dispatch(tokens, plan))
         outputs = combine(expert_outputs, plan, routing.expert_weights)
+        if self.router_stats is not None:
+            self.router_stats.observe(
+                self,
+                training,
+                lambda: token_choice_stats(
+                    routing.router_probs,
+                    routing.router_logits,
+                    plan.expert_counts,
+                    plan.num_kept,
+                    token_mask,
+                ),
+            )
         if training:
             self._add_router_losses(routing, plan, token_mask, input_shape)
             if self._updates_expert_bias:
@@ -363,6 +410,18 @@ class SparseMoE(keras.layers.Layer):
             router_scores.scores, capacity, token_mask
         )
         expert_outputs = self._run_experts(dispatch(tokens, plan))
+        if self.router_stats is not None:
+            self.router_stats.observe(
+                self,
+                training,
+                lambda: expert_choice_stats(
+                    router_scores.router_probs,
+                    router_scores.router_logits,
+                    plan.slot_tokens,
+                    plan.slot_filled,
+                    token_mask,
+                ),
+            )
         if training and self.z_loss_weight > 0:
             self.add_loss(
                 self.z_loss_weight
@@ -428,6 +487,7 @@ class SparseMoE(keras.layers.Layer):
                 "z_loss_weight": self.z_loss_weight,
                 "sequence_aux_loss_weight": self.sequence_aux_loss_weight,
                 "causal": self.causal,
+                "track_router_stats": self.track_router_stats,
             }
         )
         config.update(self._router_config())

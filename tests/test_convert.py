@@ -50,6 +50,21 @@ MLA = dict(
     first_k_dense_replace=1,
     num_hidden_layers=3,
 )
+
+
+def yarn(factor, original, mscale, mscale_all_dim):
+    return {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": factor,
+        "original_max_position_embeddings": original,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": mscale,
+        "mscale_all_dim": mscale_all_dim,
+    }
+
+
 CONFIGS = {
     "mixtral": lambda: transformers.MixtralConfig(
         **COMMON,
@@ -88,11 +103,14 @@ CONFIGS = {
         decoder_sparse_step=2,
         norm_topk_prob=True,
     ),
-    # MLA without a query LoRA, greedy softmax routing times a scaling
-    # factor, two shared experts.
+    # MLA without a query LoRA, YaRN RoPE (with cos/sin scaled: mscale !=
+    # mscale_all_dim), greedy softmax routing times a scaling factor, two
+    # shared experts.
     "deepseek_v2": lambda: transformers.DeepseekV2Config(
         **COMMON,
         **MLA,
+        max_position_embeddings=256,
+        rope_parameters=yarn(factor=8.0, original=32, mscale=1.0, mscale_all_dim=0.8),
         q_lora_rank=None,
         n_routed_experts=8,
         n_shared_experts=2,
@@ -100,11 +118,14 @@ CONFIGS = {
         routed_scaling_factor=2.0,
         topk_method="greedy",
     ),
-    # MLA with a query LoRA and interleaved RoPE, sigmoid group-limited
-    # routing over scores + e_score_correction_bias, renormalised and scaled.
+    # MLA with a query LoRA and interleaved YaRN RoPE (as released), sigmoid
+    # group-limited routing over scores + e_score_correction_bias,
+    # renormalised and scaled.
     "deepseek_v3": lambda: transformers.DeepseekV3Config(
         **COMMON,
         **MLA,
+        max_position_embeddings=256,
+        rope_parameters=yarn(factor=4.0, original=64, mscale=1.0, mscale_all_dim=1.0),
         q_lora_rank=12,
         n_routed_experts=8,
         n_shared_experts=1,
@@ -304,7 +325,13 @@ def test_sharded_export_loads_in_both_directions(checkpoints, tmp_path):
 
 
 def test_preset_model_exports_as_mixtral(tmp_path):
-    model = presets.load("mixtral_small", preprocessor=None, num_layers=1)
+    model = presets.load(
+        "mixtral_small",
+        preprocessor=None,
+        num_layers=1,
+        hidden_dim=64,
+        moe_intermediate_dim=64,
+    )
     convert.to_transformers(model, tmp_path)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     token_ids, padding_mask = padded_batch()

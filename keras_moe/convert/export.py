@@ -253,6 +253,16 @@ def transformers_config(backbone, model_type=None):
             norm_topk_prob=router.normalize_top_k,
             attention_bias=False,
         )
+        if backbone.rope_scaling is not None:
+            scaling = {
+                key: value
+                for key, value in backbone.rope_scaling.items()
+                if value is not None
+            }
+            config["rope_scaling"] = {"type": "yarn", **scaling}
+            config["max_position_embeddings"] = int(
+                scaling["factor"] * scaling["original_max_position_embeddings"]
+            )
         if model_type == "deepseek_v3":
             config.update(
                 n_group=router.expert_groups,

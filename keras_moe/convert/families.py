@@ -10,6 +10,8 @@ computes.
 import warnings
 
 from keras_moe.convert.checkpoint import ConversionError
+from keras_moe.models.yarn import YARN_KEYS
+from keras_moe.models.yarn import normalize_rope_scaling
 
 SUPPORTED_MODEL_TYPES = (
     "mixtral",
@@ -66,21 +68,41 @@ def _rope_theta(hf_config, model_type):
     return float(_DEFAULT_ROPE_THETA[model_type] if theta is None else theta)
 
 
-def _check_rope_scaling(hf_config):
+def _rope_scaling(hf_config, model_type):
+    """The YaRN `rope_scaling` of a DeepSeek config, or None for plain RoPE.
+
+    Reads transformers 4's `rope_scaling` or transformers 5's
+    `rope_parameters`; refuses every other scaling.
+    """
     scaling = hf_config.get("rope_scaling")
     field = "rope_scaling"
     if scaling is None:
         scaling = hf_config.get("rope_parameters")
         field = "rope_parameters"
     if not scaling:
-        return
+        return None
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in (None, "default"):
+    if rope_type in (None, "default"):
+        return None
+    if rope_type != "yarn" or not model_type.startswith("deepseek"):
         raise ConversionError(
             f"config.json field `{field}` asks for rope_type={rope_type!r}; "
-            "keras-moe models use plain RoPE (rope_type 'default') only, so "
-            "this checkpoint would not give the same outputs."
+            "keras-moe converts plain RoPE, and YaRN for DeepSeek models "
+            "only, so this checkpoint would not give the same outputs."
         )
+    scaling = {
+        key: value
+        for key, value in scaling.items()
+        if key in YARN_KEYS and value is not None
+    }
+    max_positions = hf_config.get("max_position_embeddings")
+    scaling.setdefault("original_max_position_embeddings", max_positions)
+    if scaling.get("factor") is None and max_positions:
+        scaling["factor"] = max_positions / scaling["original_max_position_embeddings"]
+    try:
+        return normalize_rope_scaling({"rope_type": "yarn", **scaling})
+    except ValueError as error:
+        raise ConversionError(f"config.json field `{field}`: {error}") from None
 
 
 def _activation(hf_config):
@@ -112,7 +134,7 @@ def _warn_sliding_window(hf_config, model_type):
 
 
 def _common(hf_config, model_type):
-    _check_rope_scaling(hf_config)
+    rope_scaling = _rope_scaling(hf_config, model_type)
     _warn_sliding_window(hf_config, model_type)
     return dict(
         vocabulary_size=_int_field(hf_config, "vocab_size"),
@@ -124,6 +146,7 @@ def _common(hf_config, model_type):
         tie_word_embeddings=bool(_field(hf_config, "tie_word_embeddings", False)),
         ffn_activation=_activation(hf_config),
         ffn_gated=True,
+        rope_scaling=rope_scaling,
     )
 
 

@@ -70,6 +70,7 @@ from keras_moe.models.multi_head_latent_attention import (
     MultiHeadLatentAttention,
 )
 from keras_moe.models.rms_normalization import RMSNormalization
+from keras_moe.models.yarn import normalize_rope_scaling
 from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_float
 from keras_moe.utils.argument_validation import check_int
@@ -204,6 +205,10 @@ class MoEBackbone(Backbone):
             means) rotates adjacent feature pairs, the layout of DeepSeek's
             checkpoints; `False` rotates the two halves (rotate-half). GQA
             always uses rotate-half RoPE and takes only `None`.
+        rope_scaling: `None` (plain RoPE) or a YaRN dict as in a
+            transformers config (`rope_type` `"yarn"`, `factor`,
+            `original_max_position_embeddings`, ...): DeepSeek checkpoints'
+            long-context RoPE. MLA only.
         rope_max_wavelength: float, the RoPE base (`rope_theta`).
         intermediate_dim: int, the width of the dense FFN layers (required if
             any layer is dense).
@@ -270,6 +275,7 @@ class MoEBackbone(Backbone):
         qk_rope_head_dim=None,
         v_head_dim=None,
         rope_interleave=None,
+        rope_scaling=None,
         rope_max_wavelength=10000.0,
         intermediate_dim=None,
         num_experts=8,
@@ -306,6 +312,7 @@ class MoEBackbone(Backbone):
             qk_rope_head_dim=qk_rope_head_dim,
             v_head_dim=v_head_dim,
             rope_interleave=rope_interleave,
+            rope_scaling=rope_scaling,
             rope_max_wavelength=rope_max_wavelength,
             intermediate_dim=intermediate_dim,
             num_experts=num_experts,
@@ -381,6 +388,8 @@ class MoEBackbone(Backbone):
             config["moe_options"] = dict(config["moe_options"])
         if config["moe_layers"] is not None:
             config["moe_layers"] = list(config["moe_layers"])
+        if config["rope_scaling"] is not None:
+            config["rope_scaling"] = dict(config["rope_scaling"])
         return config
 
 
@@ -400,6 +409,7 @@ _CONFIG_KEYS = (
     "qk_rope_head_dim",
     "v_head_dim",
     "rope_interleave",
+    "rope_scaling",
     "rope_max_wavelength",
     "intermediate_dim",
     "num_experts",
@@ -574,8 +584,9 @@ def _checked_moe_layers(c):
 
 def _check_gqa(c):
     given = [name for name in _MLA_ARGUMENTS if c[name] is not None]
-    if c["rope_interleave"] is not None:
-        given.append("rope_interleave")
+    for name in ("rope_interleave", "rope_scaling"):
+        if c[name] is not None:
+            given.append(name)
     if given:
         raise ValueError(
             f"{given} only apply to `attention_type='mla'`. "
@@ -629,6 +640,7 @@ def _check_mla(c):
         )
     if c["rope_interleave"] is not None:
         c["rope_interleave"] = check_bool("rope_interleave", c["rope_interleave"])
+    c["rope_scaling"] = normalize_rope_scaling(c["rope_scaling"])
     for name in ("head_dim", "attention_bias", "use_qk_norm"):
         if c[name]:
             raise ValueError(
@@ -662,6 +674,7 @@ def _make_attention(c, dtype):
         q_lora_rank=c["q_lora_rank"],
         rope_max_wavelength=c["rope_max_wavelength"],
         rope_interleave=c["rope_interleave"] is not False,
+        rope_scaling=c["rope_scaling"],
         layer_norm_epsilon=c["layer_norm_epsilon"],
         dropout=c["dropout"],
         dtype=dtype,

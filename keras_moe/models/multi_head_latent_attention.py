@@ -8,6 +8,9 @@ from keras_hub.layers import RotaryEmbedding
 from keras_moe.models.attention_masks import attention_mask
 from keras_moe.models.attention_masks import masked_softmax
 from keras_moe.models.rms_normalization import RMSNormalization
+from keras_moe.models.yarn import apply_rotary
+from keras_moe.models.yarn import normalize_rope_scaling
+from keras_moe.models.yarn import yarn_parameters
 from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_float
 from keras_moe.utils.argument_validation import check_int
@@ -35,7 +38,10 @@ class MultiHeadLatentAttention(keras.layers.Layer):
     RoPE, exactly as transformers' `apply_rotary_pos_emb_interleave`; the
     permutation is the same for queries and keys, so scores are unchanged by
     it. With `rope_interleave=False` the rotary parts use rotate-half RoPE as
-    they are.
+    they are. With a YaRN `rope_scaling` (the released DeepSeek-V2/V3
+    checkpoints), the rotary frequencies and scales are YaRN's and the
+    softmax scale is multiplied by `mscale(factor, mscale_all_dim) ** 2`, as
+    in transformers (see `keras_moe.models.yarn`).
 
     Weights (`d` hidden size, `H` heads, `n` = `qk_nope_head_dim`,
     `r` = `qk_rope_head_dim`, `v` = `v_head_dim`), no biases:
@@ -63,6 +69,10 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         q_lora_rank: int or `None` (a plain query projection).
         rope_max_wavelength: float, the RoPE base. Defaults to 10000.
         rope_interleave: bool, pairwise (DeepSeek) or rotate-half RoPE.
+        rope_scaling: `None` (plain RoPE) or a YaRN dict (`rope_type`
+            `"yarn"`, `factor`, `original_max_position_embeddings`, and
+            optionally `beta_fast`, `beta_slow`, `mscale`, `mscale_all_dim`,
+            `attention_factor`, `truncate`), as in a transformers config.
         layer_norm_epsilon: float, the epsilon of the latent normalizations.
         dropout: float in `[0, 1)`, dropout on the attention probabilities.
         kernel_initializer: initializer of the projection kernels.
@@ -105,6 +115,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         q_lora_rank=None,
         rope_max_wavelength=10000.0,
         rope_interleave=True,
+        rope_scaling=None,
         layer_norm_epsilon=1e-6,
         dropout=0.0,
         kernel_initializer="glorot_uniform",
@@ -132,6 +143,16 @@ class MultiHeadLatentAttention(keras.layers.Layer):
             "rope_max_wavelength", rope_max_wavelength, positive=True
         )
         self.rope_interleave = check_bool("rope_interleave", rope_interleave)
+        self.rope_scaling = normalize_rope_scaling(rope_scaling)
+        self._softmax_scale_factor = 1.0
+        if self.rope_scaling is not None:
+            (
+                self._yarn_inverse_frequencies,
+                self._yarn_attention_factor,
+                self._softmax_scale_factor,
+            ) = yarn_parameters(
+                self.rope_scaling, self.qk_rope_head_dim, self.rope_max_wavelength
+            )
         self.layer_norm_epsilon = check_float(
             "layer_norm_epsilon", layer_norm_epsilon, positive=True
         )
@@ -224,6 +245,13 @@ class MultiHeadLatentAttention(keras.layers.Layer):
     def _rope(self, inputs, start_index):
         if self.rope_interleave:
             inputs = ops.take(inputs, self._deinterleave, axis=-1)
+        if self.rope_scaling is not None:
+            return apply_rotary(
+                inputs,
+                self._yarn_inverse_frequencies,
+                self._yarn_attention_factor,
+                start_index,
+            )
         return self.rotary_embedding(inputs, start_index=start_index)
 
     def _queries(self, hidden_states, start_index):
@@ -243,7 +271,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         return latent, key_rope
 
     def _attend(self, scores, start_index, padding_mask, training):
-        scale = 1.0 / math.sqrt(self.qk_head_dim)
+        scale = self._softmax_scale_factor / math.sqrt(self.qk_head_dim)
         scores = ops.cast(scores, "float32") * scale
         mask = attention_mask(
             ops.shape(scores)[2], ops.shape(scores)[3], start_index, padding_mask
@@ -316,6 +344,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
                 "q_lora_rank": self.q_lora_rank,
                 "rope_max_wavelength": self.rope_max_wavelength,
                 "rope_interleave": self.rope_interleave,
+                "rope_scaling": self.rope_scaling,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "dropout": self.dropout,
                 "kernel_initializer": keras.initializers.serialize(

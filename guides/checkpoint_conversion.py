@@ -244,13 +244,15 @@ assert difference < 1e-4
 # | `mixtral` | GQA + RoPE, `SparseMoE` in every layer, softmax top-k renormalised |
 # | `qwen2_moe` | q/k/v biases, `SharedExpertMoE` with a sigmoid-gated shared expert, `norm_topk_prob`, dense layers from `mlp_only_layers` / `decoder_sparse_step` |
 # | `qwen3_moe` | per-head q/k RMSNorm, `norm_topk_prob`, `mlp_only_layers` |
-# | `deepseek_v2` | multi-head latent attention, greedy softmax top-k times `routed_scaling_factor`, shared experts, `first_k_dense_replace` dense layers |
-# | `deepseek_v3` | MLA with query LoRA, sigmoid group-limited routing with `e_score_correction_bias` as the router's `expert_bias`, `routed_scaling_factor`, shared experts |
+# | `deepseek_v2` | multi-head latent attention (YaRN RoPE), greedy softmax top-k times `routed_scaling_factor`, shared experts, `first_k_dense_replace` dense layers |
+# | `deepseek_v3` | MLA with query LoRA and YaRN RoPE, sigmoid group-limited routing with `e_score_correction_bias` as the router's `expert_bias`, `routed_scaling_factor`, shared experts |
 #
-# Refused with an error naming the field: RoPE scaling (`rope_scaling`, e.g.
-# YaRN in the released DeepSeek checkpoints), quantized weights
-# (`quantization_config`, e.g. DeepSeek-V3's FP8 release: dequantize to
-# bfloat16 first), DeepSeek-V2's `group_limited_greedy` routing, and pickled
-# `.bin` weights, which are never unpickled. Load large checkpoints with
+# Refused with an error naming the field: RoPE scaling other than DeepSeek's
+# YaRN (`rope_scaling`), quantized weights (`quantization_config`, e.g.
+# DeepSeek-V3's FP8 release: dequantize to bfloat16 first), DeepSeek-V2's
+# `group_limited_greedy` routing, and pickled `.bin` weights, which are never
+# unpickled. Sliding-window attention is not reproduced: a config with a
+# `sliding_window` loads with a warning that outputs match only for
+# sequences up to the window. Load large checkpoints with
 # `dtype="bfloat16"`, and under a `keras.distribution` layout
 # (`keras_moe.distribution.get_layout_map`) when one device cannot hold them.

@@ -350,6 +350,8 @@ def backbone_config_from_transformers(hf_config):
     top-k times `routed_scaling_factor` (DeepSeek-V2), sigmoid scores with
     group-limited selection over scores plus `e_score_correction_bias`
     (DeepSeek-V3, whose bias is the router's non-trainable `expert_bias`).
+    DeepSeek's YaRN `rope_scaling` is kept (`MoEBackbone(rope_scaling=...)`);
+    any other RoPE scaling is refused.
     Fine-tuning options are set from the config where it has them
     (`router_aux_loss_coef` -> `aux_loss_weight`); DeepSeek-V3 gets
     aux-loss-free bias balancing (`bias_update_rate=0.001`) and a 1e-4

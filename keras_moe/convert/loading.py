@@ -237,6 +237,8 @@ def load_weights(backbone, checkpoint, model_type):
         variable.assign(value)
         del value
         used.update(mapping.names)
+    if backbone.tie_word_embeddings:
+        used.add("lm_head.weight")  # Some tied checkpoints store it anyway.
     _warn_unused(checkpoint, used, backbone.num_layers)
 
 

@@ -1,0 +1,264 @@
+"""Distributed runs for `test_distribution.py`, each in its own process.
+
+JAX fixes its device count when it starts, so every scenario runs in a fresh
+interpreter with `XLA_FLAGS=--xla_force_host_platform_device_count=8` set
+before JAX is imported:
+
+    python tests/distribution_scenarios.py SCENARIO OUTPUT_JSON
+
+and writes what it measured to OUTPUT_JSON for the tests to check.
+"""
+
+import os
+import sys
+
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import json  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_moe import presets  # noqa: E402
+from keras_moe.distribution import get_layout_map  # noqa: E402
+
+BATCH, LENGTH = 8, 16
+# mixtral_small's architecture at toy sizes: 8 experts, top-2, GQA.
+TINY = dict(
+    num_layers=1,
+    hidden_dim=32,
+    num_query_heads=4,
+    num_key_value_heads=2,
+    moe_intermediate_dim=48,
+)
+COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter")
+
+
+def tiny_model(**overrides):
+    return presets.load("mixtral_small", preprocessor=None, **{**TINY, **overrides})
+
+
+def batch_data(seed=0, num_batches=1):
+    rng = np.random.default_rng(seed)
+    # A learnable sequence: each token is the previous one plus one.
+    starts = rng.integers(0, 200, size=(BATCH * num_batches, 1))
+    token_ids = (starts + np.arange(LENGTH + 1)).astype("int32")
+    padding_mask = np.ones((BATCH * num_batches, LENGTH), "int32")
+    padding_mask[1, 12:] = 0  # one padded row: masks go through the groups
+    x = {"token_ids": token_ids[:, :-1], "padding_mask": padding_mask}
+    return x, token_ids[:, 1:], padding_mask.astype("float32")
+
+
+def logits_of(model, x):
+    return np.asarray(model.predict(x, batch_size=BATCH, verbose=0))
+
+
+def max_difference(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+def mesh(shape, axis_names):
+    return keras.distribution.DeviceMesh(
+        shape, axis_names, keras.distribution.list_devices()
+    )
+
+
+def expert_kernels(model):
+    return [v for v in model.weights if re.search(r"experts/\w+_kernel$", v.path)
+            and "shared" not in v.path]
+
+
+def shard_shapes(variables):
+    """`{path: [global shape, [shard shapes of every device]]}`."""
+    return {
+        v.path: [
+            list(v.shape),
+            sorted({tuple(s.data.shape) for s in v.value.addressable_shards}),
+        ]
+        for v in variables
+    }
+
+
+def collectives(hlo_text):
+    """`{op: [result shape strings]}` of the collectives in compiled HLO."""
+    found = {}
+    for op in COLLECTIVES:
+        pattern = re.compile(rf"= (.+?) {op}(?:-start)?\(")
+        found[op] = [m.group(1) for m in map(pattern.search, hlo_text.splitlines()) if m]
+    return found
+
+
+def element_counts(shape_text):
+    """Element count of each array in an HLO result type like `f32[2,3]`."""
+    return [
+        int(np.prod([int(n) for n in dims.split(",") if n])) if dims else 1
+        for dims in re.findall(r"\[([\d,]*)\]", shape_text)
+    ]
+
+
+def moe_layer_hlo(model, x):
+    """Compiled HLO of the first MoE layer alone, forward and backward."""
+    distribution = keras.distribution.distribution()
+    layer = model.backbone.get_layer("decoder_block_0").feedforward
+    hidden = np.random.default_rng(1).normal(size=(BATCH, LENGTH, TINY["hidden_dim"]))
+    hidden = jax.device_put(
+        hidden.astype("float32"),
+        distribution.get_data_layout(hidden.shape).backend_layout,
+    )
+
+    def loss(trainable, non_trainable, hidden):
+        outputs, _ = layer.stateless_call(trainable, non_trainable, hidden, training=True)
+        return keras.ops.sum(outputs**2)
+
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+    forward = jax.jit(lambda *a: layer.stateless_call(*a)[0])
+    return {
+        "forward": forward.lower(trainable, non_trainable, hidden).compile().as_text(),
+        "backward": jax.jit(jax.grad(loss))
+        .lower(trainable, non_trainable, hidden)
+        .compile()
+        .as_text(),
+    }
+
+
+def fit_losses(model, epochs=4, learning_rate=1e-2):
+    x, y, sample_weight = batch_data(seed=2, num_batches=2)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate))
+    history = model.fit(
+        x, y, sample_weight=sample_weight, batch_size=BATCH, epochs=epochs,
+        shuffle=False, verbose=0,
+    )
+    return [float(v) for v in history.history["loss"]]
+
+
+def one_sgd_step(model, x, y, sample_weight):
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    logs = model.train_on_batch(x, y, sample_weight=sample_weight, return_dict=True)
+    return float(logs["loss"])
+
+
+def expert_parallel():
+    """Mesh 2 (batch) x 4 (expert): shards, logits, HLO, fit, checkpoints."""
+    x, y, sample_weight = batch_data()
+    keras.utils.set_random_seed(0)
+    reference = tiny_model()
+    reference_logits = logits_of(reference, x)
+    distribution = keras.distribution.ModelParallel(
+        layout_map=get_layout_map(mesh((2, 4), ("batch", "expert"))),
+        batch_dim_name="batch",
+    )
+    result = {}
+    with distribution.scope():
+        model = tiny_model()
+        model.set_weights(reference.get_weights())
+        result["shards"] = shard_shapes(expert_kernels(model))
+        result["logits_difference"] = max_difference(logits_of(model, x), reference_logits)
+        layer_hlo = moe_layer_hlo(model, x)
+        result["moe_layer_collectives"] = {
+            name: collectives(text) for name, text in layer_hlo.items()
+        }
+        result["expert_kernel_sizes"] = sorted(
+            {int(np.prod(v.shape)) for v in expert_kernels(model)}
+        )
+        result["fit_losses"] = fit_losses(model)
+        result["shards_after_fit"] = shard_shapes(expert_kernels(model))
+        trained_logits = logits_of(model, x)
+        directory = tempfile.mkdtemp()
+        sharded_file = os.path.join(directory, "sharded.weights.h5")
+        model.save_weights(sharded_file)
+
+    # Weights saved under sharding, reloaded on one device.
+    single = tiny_model()
+    single.load_weights(sharded_file)
+    single_logits = logits_of(single, x)
+    result["reload_on_one_device"] = {
+        "weights_equal": all(
+            np.array_equal(a, b)
+            for a, b in zip(single.get_weights(), model.get_weights())
+        ),
+        "logits_difference": max_difference(single_logits, trained_logits),
+    }
+    # And back: those weights, saved by the one-device model, loaded into a
+    # freshly initialised sharded model.
+    single_file = os.path.join(directory, "single.weights.h5")
+    single.save_weights(single_file)
+    keras.utils.set_random_seed(1)
+    with distribution.scope():
+        resharded = tiny_model()
+        initial = resharded.get_weights()
+        resharded.load_weights(single_file)
+        result["reload_under_sharding"] = {
+            "initial_weights_differ": not all(
+                np.array_equal(a, b) for a, b in zip(initial, single.get_weights())
+            ),
+            "weights_equal": all(
+                np.array_equal(a, b)
+                for a, b in zip(resharded.get_weights(), single.get_weights())
+            ),
+            "logits_difference": max_difference(
+                logits_of(resharded, x), single_logits
+            ),
+            "shards": shard_shapes(expert_kernels(resharded)),
+        }
+    return result
+
+
+def other_meshes():
+    """DataParallel on 8 devices, and a batch x expert x model mesh.
+
+    Routing is dropless, so one routing group on one device and one group per
+    data shard compute the same thing: one SGD step from the same weights
+    must give the same loss and the same new weights.
+    """
+    x, y, sample_weight = batch_data()
+    dropless = {"moe_options": {"capacity_factor": None}}
+    keras.utils.set_random_seed(0)
+    reference = tiny_model(**dropless)
+    weights = reference.get_weights()
+    reference_loss = one_sgd_step(reference, x, y, sample_weight)
+
+    def one_step_under(distribution):
+        with distribution.scope():
+            model = tiny_model(**dropless)
+            model.set_weights(weights)
+            loss = one_sgd_step(model, x, y, sample_weight)
+            return model, {
+                "loss": loss,
+                "reference_loss": reference_loss,
+                "weights_difference_after_step": max(
+                    max_difference(a, b)
+                    for a, b in zip(model.get_weights(), reference.get_weights())
+                ),
+            }
+
+    _, data_parallel = one_step_under(
+        keras.distribution.DataParallel(devices=keras.distribution.list_devices())
+    )
+    data_parallel["num_devices"] = len(keras.distribution.list_devices())
+    layout_map = get_layout_map(
+        mesh((2, 2, 2), ("batch", "expert", "model")), model_axis="model"
+    )
+    model, three_axis_mesh = one_step_under(
+        keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+    )
+    three_axis_mesh["shards"] = shard_shapes(
+        [
+            v for v in model.weights
+            if re.search(r"(experts/up_kernel|query/kernel|embeddings)$", v.path)
+        ]
+    )
+    return {"data_parallel": data_parallel, "three_axis_mesh": three_axis_mesh}
+
+
+SCENARIOS = {"expert_parallel": expert_parallel, "other_meshes": other_meshes}
+
+if __name__ == "__main__":
+    name, output = sys.argv[1], sys.argv[2]
+    result = SCENARIOS[name]()
+    with open(output, "w") as f:
+        json.dump(result, f, indent=1)

@@ -95,6 +95,13 @@ class SparseMoE(keras.layers.Layer):
     Padding tokens (a Keras mask, or the `mask` call argument) are not
     routed, take no capacity, count in no loss, and get a zero output.
 
+    Under a `keras.distribution` (JAX) whose layout splits the experts
+    (`keras_moe.distribution.get_layout_map`), the tokens are routed in
+    groups, one per data shard, and sent to the devices holding their
+    experts with all-to-alls. Capacity is then per group: `tokens` in the
+    formulas above means the tokens of one group. Dropless routing gives the
+    same result either way.
+
     With `track_router_stats=True` each training call also records router
     statistics from the routing it just did (expert load, importance,
     dropped fraction, the balance losses, MaxVio, router entropy; see

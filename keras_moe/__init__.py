@@ -1,6 +1,7 @@
 """keras-moe: Mixture-of-Experts layers, models and presets for Keras 3."""
 
 from keras_moe import callbacks
+from keras_moe import config
 from keras_moe import convert
 from keras_moe import datasets
 from keras_moe import distribution

@@ -1,13 +1,14 @@
 import keras
 from keras import ops
 
+from keras_moe.layers.experts import FeedForwardWeights
 from keras_moe.layers.experts import get_activation
 from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_int
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class FeedForward(keras.layers.Layer):
+class FeedForward(FeedForwardWeights):
     """A dense (every-token) feed-forward block, gated or plain.
 
     The same block an expert is, for a single always-on network: the dense
@@ -16,6 +17,11 @@ class FeedForward(keras.layers.Layer):
     with `"gelu"`) compute `down(activation(x @ gate) * (x @ up))`, plain ones
     `down(activation(x @ up))`.
 
+    Like `Experts`, it follows Keras' quantization and LoRA protocol:
+    `model.quantize("int8")` stores its kernels as int8 with a scale per
+    output channel, `"float8"` trains them in float8, and
+    `enable_lora(rank)` adds trainable low-rank factors to frozen kernels.
+
     Args:
         intermediate_dim: int, the hidden width `f`.
         activation: activation name or callable. Defaults to `"silu"`.
@@ -23,6 +29,11 @@ class FeedForward(keras.layers.Layer):
         use_bias: bool, whether the projections have biases.
         kernel_initializer: initializer of the kernels.
         bias_initializer: initializer of the biases.
+        lora_rank: optional int, enable LoRA of this rank when built.
+        lora_alpha: optional float, the LoRA scale numerator (defaults to
+            `lora_rank`).
+        quantization_config: optional `keras.quantizers.QuantizationConfig`
+            used when the layer is built with a quantized dtype policy.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -37,6 +48,9 @@ class FeedForward(keras.layers.Layer):
     >>> ffn = FeedForward(intermediate_dim=64)
     >>> tuple(ffn(np.ones((2, 5, 16), "float32")).shape)
     (2, 5, 16)
+    >>> ffn.quantize("int8")
+    >>> ffn.up_kernel.dtype, tuple(ffn.up_kernel_scale.shape)
+    ('int8', (64,))
     """
 
     def __init__(
@@ -47,9 +61,14 @@ class FeedForward(keras.layers.Layer):
         use_bias=False,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
+        lora_rank=None,
+        lora_alpha=None,
+        quantization_config=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self._init_lora(lora_rank, lora_alpha)
+        self.quantization_config = quantization_config
         self.intermediate_dim = check_int(
             "intermediate_dim", intermediate_dim, min_value=1
         )
@@ -68,46 +87,29 @@ class FeedForward(keras.layers.Layer):
                 f"Received: input_shape={tuple(input_shape)}"
             )
         self.hidden_dim = int(input_shape[-1])
-        projections = [
-            ("up", self.hidden_dim, self.intermediate_dim),
-            ("down", self.intermediate_dim, self.hidden_dim),
-        ]
+        self._build_projections(self.kernel_initializer)
+        self._post_build_lora()
+
+    def _kernel_shapes(self):
+        shapes = {}
         if self.gated:
-            projections.insert(0, ("gate", self.hidden_dim, self.intermediate_dim))
-        for name, fan_in, fan_out in projections:
-            setattr(
-                self,
-                f"{name}_kernel",
-                self.add_weight(
-                    name=f"{name}_kernel",
-                    shape=(fan_in, fan_out),
-                    initializer=self.kernel_initializer,
-                ),
-            )
+            shapes["gate"] = (self.hidden_dim, self.intermediate_dim)
+        shapes["up"] = (self.hidden_dim, self.intermediate_dim)
+        shapes["down"] = (self.intermediate_dim, self.hidden_dim)
+        return shapes
+
+    def _float_variable_names(self):
+        # Each projection's kernel, then its bias: the order the layer has
+        # always built (and saved) them in.
+        names = []
+        for name in self.projections:
+            names.append(f"{name}_kernel")
             if self.use_bias:
-                setattr(
-                    self,
-                    f"{name}_bias",
-                    self.add_weight(
-                        name=f"{name}_bias",
-                        shape=(fan_out,),
-                        initializer=self.bias_initializer,
-                    ),
-                )
+                names.append(f"{name}_bias")
+        return names
 
-    def _project(self, inputs, name):
-        outputs = ops.matmul(inputs, getattr(self, f"{name}_kernel"))
-        if self.use_bias:
-            outputs = outputs + getattr(self, f"{name}_bias")
-        return outputs
-
-    def call(self, inputs):
-        up = self._project(inputs, "up")
-        if self.gated:
-            hidden = self._activation_fn(self._project(inputs, "gate")) * up
-        else:
-            hidden = self._activation_fn(up)
-        return self._project(hidden, "down")
+    def _contract(self, inputs, kernel):
+        return ops.matmul(inputs, kernel)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
@@ -130,6 +132,7 @@ class FeedForward(keras.layers.Layer):
                 "bias_initializer": keras.initializers.serialize(
                     self.bias_initializer
                 ),
+                **self._lora_and_quantization_config(),
             }
         )
         return config

@@ -3,6 +3,7 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
+from keras_moe.config import check_finite
 from keras_moe.layers.experts import Experts
 from keras_moe.layers.sparse_moe import router_dtype_for
 from keras_moe.ops.router_stats import SOFT
@@ -295,6 +296,7 @@ class SoftMoE(keras.layers.Layer):
         # accepted so that every MoE layer is called the same way.
         self._check_input_shape(inputs.shape)
         token_mask = self._token_mask(inputs, mask)
+        check_finite(inputs, token_mask, layer=self)
         tokens = self._zero_padding(inputs, token_mask)
         routing = self._routing(tokens, token_mask)
         if self.router_stats is not None:

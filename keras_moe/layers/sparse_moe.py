@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_moe.config import check_finite
 from keras_moe.distribution import expert_parallel
 from keras_moe.layers.experts import Experts
 from keras_moe.layers.top_k_router import TopKRouter
@@ -348,6 +349,7 @@ class SparseMoE(keras.layers.Layer):
 
     def call(self, inputs, mask=None, training=None):
         self._check_input_shape(inputs.shape)
+        check_finite(inputs, mask, layer=self)
         # Routing groups: one holding every token of the batch or, under a
         # `keras.distribution`, one per data shard (capacity is then per
         # group; see `keras_moe.distribution.expert_parallel`).

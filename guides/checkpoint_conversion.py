@@ -50,8 +50,9 @@ if importlib.util.find_spec("keras_moe") is None:
 # %%
 import os
 
-# Any Keras backend works: "tensorflow", "jax" or "torch".
-os.environ.setdefault("KERAS_BACKEND", "jax")
+# Any Keras backend works: "tensorflow", "jax" or "torch" (set it before
+# importing keras).
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import tempfile
 from pathlib import Path
@@ -147,11 +148,15 @@ print(sorted(os.listdir(checkpoint_dir)))
 # (softmax, top-2, weights renormalised, for Mixtral), and the weights read
 # one tensor at a time from the memory-mapped safetensors files. The
 # `tokenizer.json` becomes a `HuggingFaceTokenizer` inside a
-# `MoECausalLMPreprocessor`, so the model takes strings.
+# `MoECausalLMPreprocessor`, so the model takes strings. We compile it at
+# once: an optimizer for `fit`, a sampler for `generate`.
 
 # %%
 model = presets.load(checkpoint_dir)
 model.preprocessor.sequence_length = SEQUENCE_LENGTH
+model.compile(
+    optimizer=keras.optimizers.AdamW(learning_rate=1e-3), sampler="greedy"
+)
 backbone = model.backbone
 print(type(model).__name__, "with", f"{model.count_params():,}", "parameters")
 print("routing:", backbone.num_experts, "experts, top", backbone.top_k,
@@ -197,8 +202,7 @@ assert difference < 1e-4
 # %% [markdown]
 # ## 4. Fine-tune
 #
-# The converted model is an ordinary Keras model: compile it and call `fit`
-# on text. The preprocessor tokenizes inside the `tf.data` pipeline, the
+# The converted model is an ordinary Keras model: `fit` trains it on text. The preprocessor tokenizes inside the `tf.data` pipeline, the
 # MoE layers add their load-balancing loss (`router_aux_loss_coef` from the
 # checkpoint's config) to the language-model loss. For DeepSeek-V3
 # checkpoints the router's `expert_bias` (transformers'
@@ -210,13 +214,11 @@ import tensorflow as tf
 
 train_texts = paragraphs[: 8 * STEPS_PER_EPOCH]
 dataset = tf.data.Dataset.from_tensor_slices(train_texts).batch(8)
-model.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-3))
 history = model.fit(dataset, epochs=EPOCHS, verbose=2)
 losses = history.history["loss"]
 print(f"training loss: {losses[0]:.3f} (epoch 1) -> {losses[-1]:.3f} (epoch {EPOCHS})")
 
 # %%
-model.compile(sampler="greedy")
 print(model.generate("The while statement", max_length=SEQUENCE_LENGTH))
 
 # %% [markdown]

@@ -261,6 +261,23 @@ def test_sharded_checkpoint(checkpoints, tmp_path):
     assert max_difference(logits, expected, padding_mask) < TOLERANCE
 
 
+def test_stacked_expert_layout_of_transformers_5_loads(checkpoints, tmp_path):
+    # transformers >= 5 holds experts stacked (`mlp.experts.gate_up_proj
+    # [E, 2m, d]`, `down_proj [E, d, m]`); a state dict saved as it is has
+    # that layout, which is read one expert at a time.
+    from safetensors.torch import save_file
+
+    directory, expected = checkpoints["mixtral"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    stacked = copy_checkpoint(directory, tmp_path / "stacked")
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, stacked / "model.safetensors", {"format": "pt"})
+    token_ids, padding_mask = padded_batch()
+    logits = keras_logits(presets.load(stacked, preprocessor=None), token_ids, padding_mask)
+    assert max_difference(logits, expected, padding_mask) < TOLERANCE
+
+
 def test_hub_handle_downloads_then_loads_the_same_way(checkpoints, monkeypatch):
     import huggingface_hub
 

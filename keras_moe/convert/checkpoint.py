@@ -26,6 +26,9 @@ _PER_EXPERT_NAME = re.compile(
     r"(?P<projection>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
 )
 _GATE_UP = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1}
+# transformers >= 5 names Mixtral's MoE block `mlp` in memory (a state dict
+# saved by hand has those names); Hub checkpoints use `block_sparse_moe`.
+_ALIASES = ((".block_sparse_moe.", ".mlp."),)
 
 
 class ConversionError(ValueError):
@@ -106,9 +109,29 @@ class SafetensorsCheckpoint:
         self.directory = Path(directory)
         self._weight_map = _weight_map(self.directory)
         self._files = {}
+        # The stored tensors read so far (what unused-tensor checks compare).
+        self.read_names = set()
+
+    def _source(self, name):
+        """Where tensor `name` is stored: `(stored name, expert, rows)`.
+
+        `expert` and `rows` are None for a tensor stored as it is, and
+        locate one expert's slice in a stacked tensor otherwise.
+        """
+        candidates = [name] + [
+            name.replace(old, new) for old, new in _ALIASES if old in name
+        ]
+        for candidate in candidates:
+            if candidate in self._weight_map:
+                return candidate, None, None
+        for candidate in candidates:
+            fused = self._fused_source(candidate)
+            if fused is not None:
+                return fused
+        return None
 
     def __contains__(self, name):
-        return name in self._weight_map or self._fused_source(name) is not None
+        return self._source(name) is not None
 
     def keys(self):
         """The names of the tensors stored in the checkpoint."""
@@ -152,21 +175,22 @@ class SafetensorsCheckpoint:
 
     def shape(self, name):
         """The shape of tensor `name`, read from the file header only."""
-        if name in self._weight_map:
-            return self._shape_of(name)
-        stacked, _, rows = self._fused_source(name)
-        shape = self._shape_of(stacked)[1:]
+        stored, expert, rows = self._source(name)
+        if expert is None:
+            return self._shape_of(stored)
+        shape = self._shape_of(stored)[1:]
         if rows.start is not None:
             shape = (rows.stop - rows.start,) + shape[1:]
         return shape
 
     def get(self, name):
         """Tensor `name` as a NumPy array (read from disk now)."""
-        if name in self._weight_map:
-            return self._open(self._weight_map[name]).get_tensor(name)
-        stacked, expert, rows = self._fused_source(name)
-        tensor = self._open(self._weight_map[stacked]).get_slice(stacked)
-        return np.asarray(tensor[expert])[rows]
+        stored, expert, rows = self._source(name)
+        self.read_names.add(stored)
+        file = self._open(self._weight_map[stored])
+        if expert is None:
+            return file.get_tensor(stored)
+        return np.asarray(file.get_slice(stored)[expert])[rows]
 
     def num_elements(self):
         """The number of values in all tensors, from the file headers."""

@@ -222,7 +222,6 @@ def load_weights(backbone, checkpoint, model_type):
     """
     mappings = weight_mappings(backbone, model_type)
     check_tensors(mappings, checkpoint)
-    used = set()
     for mapping in mappings:
         variable = mapping.variable
         dtype = _numpy_dtype(variable)
@@ -236,7 +235,7 @@ def load_weights(backbone, checkpoint, model_type):
             value = np.asarray(mapping.to_keras(checkpoint.get(name)), dtype=dtype)
         variable.assign(value)
         del value
-        used.update(mapping.names)
+    used = set(checkpoint.read_names)
     if backbone.tie_word_embeddings:
         used.add("lm_head.weight")  # Some tied checkpoints store it anyway.
     _warn_unused(checkpoint, used, backbone.num_layers)
@@ -250,8 +249,6 @@ def _warn_unused(checkpoint, used, num_layers):
         layer = _LAYER_INDEX.match(name)
         if layer and int(layer.group(1)) >= num_layers:
             continue  # Multi-token prediction layers.
-        if ".experts." in name and name.endswith(("gate_up_proj", "down_proj")):
-            continue  # Stacked experts, read under per-expert names.
         unused.append(name)
     if unused:
         shown = ", ".join(unused[:10])

@@ -23,6 +23,7 @@ import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from keras_moe import layers  # noqa: E402
 from keras_moe import presets  # noqa: E402
 from keras_moe.distribution import get_layout_map  # noqa: E402
 
@@ -100,10 +101,9 @@ def element_counts(shape_text):
     ]
 
 
-def moe_layer_hlo(model, x):
-    """Compiled HLO of the first MoE layer alone, forward and backward."""
+def moe_layer_hlo(layer, backward=True):
+    """Compiled HLO of a MoE layer alone: forward, and forward + backward."""
     distribution = keras.distribution.distribution()
-    layer = model.backbone.get_layer("decoder_block_0").feedforward
     hidden = np.random.default_rng(1).normal(size=(BATCH, LENGTH, TINY["hidden_dim"]))
     hidden = jax.device_put(
         hidden.astype("float32"),
@@ -117,13 +117,12 @@ def moe_layer_hlo(model, x):
     trainable = [v.value for v in layer.trainable_variables]
     non_trainable = [v.value for v in layer.non_trainable_variables]
     forward = jax.jit(lambda *a: layer.stateless_call(*a)[0])
-    return {
-        "forward": forward.lower(trainable, non_trainable, hidden).compile().as_text(),
-        "backward": jax.jit(jax.grad(loss))
-        .lower(trainable, non_trainable, hidden)
-        .compile()
-        .as_text(),
-    }
+    hlo = {"forward": forward.lower(trainable, non_trainable, hidden)}
+    if backward:
+        hlo["backward"] = jax.jit(jax.grad(loss)).lower(
+            trainable, non_trainable, hidden
+        )
+    return {name: lowered.compile().as_text() for name, lowered in hlo.items()}
 
 
 def fit_losses(model, epochs=4, learning_rate=1e-2):
@@ -158,10 +157,18 @@ def expert_parallel():
         model.set_weights(reference.get_weights())
         result["shards"] = shard_shapes(expert_kernels(model))
         result["logits_difference"] = max_difference(logits_of(model, x), reference_logits)
-        layer_hlo = moe_layer_hlo(model, x)
+        layer_hlo = moe_layer_hlo(model.backbone.get_layer("decoder_block_0").feedforward)
         result["moe_layer_collectives"] = {
             name: collectives(text) for name, text in layer_hlo.items()
         }
+        # Expert choice routes through the same groups and buffers.
+        expert_choice = layers.SparseMoE(
+            8, TINY["moe_intermediate_dim"], routing="expert_choice", name="moe"
+        )
+        expert_choice.build((None, TINY["hidden_dim"]))
+        result["expert_choice_collectives"] = collectives(
+            moe_layer_hlo(expert_choice, backward=False)["forward"]
+        )
         result["expert_kernel_sizes"] = sorted(
             {int(np.prod(v.shape)) for v in expert_kernels(model)}
         )

@@ -260,6 +260,15 @@ def test_moe_layer_moves_tokens_with_all_to_all_not_expert_weights(expert_parall
 
 
 @jax_run
+def test_expert_choice_moves_tokens_the_same_way(expert_parallel):
+    tokens, num_experts = 8 * 16, 8
+    forward = expert_parallel["expert_choice_collectives"]
+    assert len(forward["all-to-all"]) == 2
+    for size in all_gathered_sizes(forward):
+        assert size <= tokens * num_experts
+
+
+@jax_run
 def test_fit_trains_under_the_distribution(expert_parallel):
     losses = expert_parallel["fit_losses"]
     assert all(np.isfinite(losses))

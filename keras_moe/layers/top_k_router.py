@@ -10,6 +10,10 @@ from keras_moe.utils.argument_validation import check_int
 from keras_moe.utils.backend_utils import stable_top_k
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
+# Floor of the sums that scores and weights are divided by: sigmoid scores
+# all underflow to 0 for logits near -1e4, and the gradient of x / s has
+# s ** 2 below it, which must not flush to 0 in float32 (0 / 0 = NaN).
+_MIN_NORMALIZER = 1e-12
 
 
 class RouterOutput(NamedTuple):
@@ -250,7 +254,9 @@ class TopKRouter(keras.layers.Layer):
             router_probs = scores
         else:
             scores = ops.sigmoid(router_logits)
-            router_probs = scores / ops.sum(scores, axis=-1, keepdims=True)
+            router_probs = scores / ops.maximum(
+                ops.sum(scores, axis=-1, keepdims=True), _MIN_NORMALIZER
+            )
         return RouterScores(router_logits, scores, router_probs)
 
     def select(self, scores):
@@ -272,7 +278,7 @@ class TopKRouter(keras.layers.Layer):
         expert_weights = ops.take_along_axis(scores, expert_ids, axis=-1)
         if self.normalize_top_k:
             expert_weights = expert_weights / ops.maximum(
-                ops.sum(expert_weights, axis=-1, keepdims=True), 1e-20
+                ops.sum(expert_weights, axis=-1, keepdims=True), _MIN_NORMALIZER
             )
         if self.routed_scaling_factor != 1.0:
             expert_weights = expert_weights * self.routed_scaling_factor

@@ -74,6 +74,7 @@ from keras_moe.models.yarn import normalize_rope_scaling
 from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_float
 from keras_moe.utils.argument_validation import check_int
+from keras_moe.utils.weights_loading import load_weights_or_restore
 
 ATTENTION_TYPES = ("gqa", "mla")
 _MLA_ARGUMENTS = (
@@ -391,6 +392,13 @@ class MoEBackbone(Backbone):
         if config["rope_scaling"] is not None:
             config["rope_scaling"] = dict(config["rope_scaling"])
         return config
+
+    def load_weights(self, filepath, *args, **kwargs):
+        # A truncated or corrupt file fails naming itself and leaves the
+        # weights as they were, instead of half-loaded.
+        return load_weights_or_restore(
+            self, super().load_weights, filepath, *args, **kwargs
+        )
 
 
 _CONFIG_KEYS = (

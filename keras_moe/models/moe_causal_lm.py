@@ -5,6 +5,7 @@ from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_moe.models.moe_backbone import MoEBackbone
 from keras_moe.models.moe_causal_lm_preprocessor import MoECausalLMPreprocessor
+from keras_moe.utils.weights_loading import load_weights_or_restore
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -82,6 +83,13 @@ class MoECausalLM(CausalLM):
         hidden_states = backbone(inputs)
         outputs = backbone.token_embedding(hidden_states, reverse=True)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        # A truncated or corrupt file fails naming itself and leaves the
+        # weights as they were, instead of half-loaded.
+        return load_weights_or_restore(
+            self, super().load_weights, filepath, *args, **kwargs
+        )
 
     def call_with_cache(
         self, token_ids, cache, cache_update_index, padding_mask=None

@@ -608,3 +608,22 @@ def test_model_without_moe_layers_warns_and_trains(tmp_path):
         assert collect_router_stats(model) == {}
     with pytest.raises(ValueError, match="`model` must be a Keras model"):
         collect_router_stats("model")
+
+
+def test_overhead_benchmark_smoke_run():
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "router_stats_overhead.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--backends", BACKEND,
+         "--rounds", "1", "--steps", "2"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "KERAS_BACKEND": BACKEND},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for measure in ("model.fit step", "compiled step"):
+        assert f"{BACKEND:<11} {measure}" in result.stdout
+    assert "paired ratio" in result.stdout

@@ -34,6 +34,7 @@ Every value is the mean over the steps recorded since the last reset of the
 per-step value (MaxVio is a per-batch quantity, as in the paper).
 """
 
+import contextlib
 import math
 
 import keras
@@ -85,16 +86,19 @@ _TINY = 1e-30
 
 
 def _f32(x):
-    return ops.stop_gradient(ops.cast(x, "float32"))
+    # No `stop_gradient`: nothing differentiates the statistics (PyTorch
+    # records them under `no_gradient`, see `RouterStatsMetric.observe`).
+    x = ops.convert_to_tensor(x)
+    if keras.backend.standardize_dtype(x.dtype) == "float32":
+        return x
+    return ops.cast(x, "float32")
 
 
-def _real_tokens(token_mask, num_tokens_shape):
-    """float32 `[T]` of 1 for real tokens, and their count (at least 1)."""
-    if token_mask is None:
-        real = ops.ones(num_tokens_shape, "float32")
-    else:
-        real = ops.reshape(ops.cast(token_mask, "float32"), (-1,))
-    return real, ops.maximum(ops.sum(real), 1.0)
+def _token_mean(values, real, num_real):
+    """Mean over real tokens (axis 0) of `values [T, ...]`; `real [T, 1]`."""
+    if real is None:
+        return ops.mean(values, axis=0)
+    return ops.sum(values * real, axis=0) / num_real
 
 
 def _entropy(probs, axis):
@@ -126,21 +130,18 @@ def max_violation(expert_load):
 
 
 def _load_statistics(expert_counts):
-    """Load fractions, MaxVio and CV from counts summed over groups."""
+    """Load fractions, routed count, MaxVio and CV, counts summed over groups."""
     counts = _f32(expert_counts)
     num_experts = counts.shape[-1]
-    counts = ops.sum(ops.reshape(counts, (-1, num_experts)), axis=0)
+    if len(counts.shape) > 1:
+        counts = ops.sum(ops.reshape(counts, (-1, num_experts)), axis=0)
     routed = ops.sum(counts)
     load = counts / ops.maximum(routed, 1.0)
-    # The mean load is 1/E whenever anything was routed; with nothing
-    # routed every statistic of the load is 0.
-    anything_routed = ops.cast(routed > 0, "float32")
+    # The mean load is 1/E whenever anything was routed (the counts are
+    # whole numbers); with nothing routed every statistic of the load is 0.
+    anything_routed = ops.minimum(routed, 1.0)
     maxvio = (num_experts * ops.max(load) - 1.0) * anything_routed
-    load_cv = (
-        num_experts
-        * ops.sqrt(ops.mean(ops.square(load - 1.0 / num_experts)))
-        * anything_routed
-    )
+    load_cv = num_experts * ops.std(load) * anything_routed
     return load, routed, maxvio, load_cv
 
 
@@ -148,17 +149,26 @@ def _router_statistics(router_probs, router_logits, expert_counts, token_mask):
     num_experts = router_probs.shape[-1]
     probs = ops.reshape(_f32(router_probs), (-1, num_experts))
     logits = ops.reshape(_f32(router_logits), (-1, num_experts))
-    real, num_real = _real_tokens(token_mask, ops.shape(probs)[:1])
+    if token_mask is None:
+        real = num_real = None
+    else:
+        real = ops.reshape(ops.cast(token_mask, "float32"), (-1, 1))
+        num_real = ops.maximum(ops.sum(real), 1.0)
     load, routed, maxvio, load_cv = _load_statistics(expert_counts)
-    importance = ops.sum(probs * ops.expand_dims(real, -1), axis=0) / num_real
-    log_z = ops.logsumexp(logits, axis=-1)
-    z_loss = ops.sum(ops.square(log_z) * real) / num_real
+    importance = _token_mean(probs, real, num_real)
+    log_z_squared = ops.square(ops.logsumexp(logits, axis=-1, keepdims=True))
+    p_log_p = probs * ops.log(ops.maximum(probs, _TINY))
+    if real is None:
+        z_loss = ops.mean(log_z_squared)
+        mean_entropy = -ops.mean(p_log_p) * num_experts
+    else:
+        z_loss = ops.sum(log_z_squared * real) / num_real
+        mean_entropy = -ops.sum(p_log_p * real) / num_real
     if num_experts > 1:
-        entropy = _entropy(probs, axis=-1) / math.log(num_experts)
-        router_entropy = ops.sum(entropy * real) / num_real
+        router_entropy = mean_entropy / math.log(num_experts)
     else:
         router_entropy = ops.zeros((), "float32")
-    return {
+    stats = {
         "aux_loss": num_experts * ops.sum(load * importance),
         "z_loss": z_loss,
         "maxvio": maxvio,
@@ -166,7 +176,8 @@ def _router_statistics(router_probs, router_logits, expert_counts, token_mask):
         "router_entropy": router_entropy,
         "expert_load": load,
         "expert_importance": importance,
-    }, routed, real, num_real
+    }
+    return stats, routed, real, num_real
 
 
 def token_choice_stats(
@@ -186,7 +197,8 @@ def token_choice_stats(
 
     Returns:
         A dict of float32 tensors: the scalars of `ROUTED_SCALARS` and the
-        `[E]` vectors of `ROUTED_VECTORS`. No gradient flows through them.
+        `[E]` vectors of `ROUTED_VECTORS`. (The layers record them without
+        gradients.)
 
     Example:
 
@@ -253,8 +265,11 @@ def expert_choice_stats(
         ops.reshape(ops.cast(slot_tokens, "int32") + offsets, (-1,)),
         num_segments=num_groups * num_tokens,
     )
-    untaken = ops.cast(times_taken == 0, "float32") * real
-    stats["dropped_fraction"] = ops.sum(untaken) / num_real
+    untaken = ops.cast(times_taken == 0, "float32")
+    if real is None:
+        stats["dropped_fraction"] = ops.mean(untaken)
+    else:
+        stats["dropped_fraction"] = ops.sum(untaken * real[:, 0]) / num_real
     return stats
 
 
@@ -328,6 +343,16 @@ def soft_routing_stats(dispatch_weights, combine_weights, num_experts, token_mas
         "combine_max_weight": ops.sum(ops.max(combine, axis=-1) * real) / num_real,
         "expert_share": ops.sum(token_share * flat_real, axis=0) / num_real,
     }
+
+
+def _no_gradient():
+    """A scope in which PyTorch records no autograd graph (the statistics need
+    none); the compiled backends only differentiate what reaches the loss."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
 
 
 class _Accumulators:
@@ -500,7 +525,8 @@ class RouterStatsMetric(keras.metrics.Metric):
         self._training_call = bool(training)
         self._join_forward_pass(layer)
         if training or self.record_inference:
-            self.update_state(compute_stats())
+            with _no_gradient():
+                self.update_state(compute_stats())
 
     def _join_forward_pass(self, layer):
         # The layers called in one forward pass form the group whose compact
@@ -525,14 +551,10 @@ class RouterStatsMetric(keras.metrics.Metric):
 
     def update_state(self, stats):
         """Add one step's statistics (a dict as `token_choice_stats` returns)."""
-        values = [ops.ones((1,), "float32")]
-        values.append(
-            ops.stack([ops.cast(stats[name], "float32") for name in self.scalar_names])
-        )
-        values.extend(
-            ops.cast(ops.reshape(stats[name], (-1,)), "float32")
-            for name in self.vector_names
-        )
+        scalars = [ops.ones((), "float32")]
+        scalars.extend(stats[name] for name in self.scalar_names)
+        values = [ops.stack(scalars)]
+        values.extend(stats[name] for name in self.vector_names)
         self._state.current.assign_add(ops.concatenate(values, axis=0))
 
     def reset_state(self):
@@ -540,10 +562,11 @@ class RouterStatsMetric(keras.metrics.Metric):
         # (Keras may list a nested layer's metric twice) changes nothing.
         if not self.built_state:
             return
-        current = ops.convert_to_tensor(self._state.current)
-        last = ops.convert_to_tensor(self._state.last)
-        self._state.last.assign(ops.where(current[0] > 0, current, last))
-        self._state.current.assign(ops.zeros_like(current))
+        # Keras resets eagerly, between steps: NumPy keeps it to two copies.
+        current = ops.convert_to_numpy(self._state.current)
+        if current[0] > 0:
+            self._state.last.assign(current)
+            self._state.current.assign(np.zeros_like(current))
         self._training_call = True
 
     # Reading ---------------------------------------------------------------
@@ -556,29 +579,13 @@ class RouterStatsMetric(keras.metrics.Metric):
                 return True
         return keras.backend.backend() != "jax" or variable._value is not None
 
-    def _means(self, accumulator):
-        """Mean scalars `[S]` and vectors `[V, E]` of an accumulator tensor."""
-        count = ops.maximum(accumulator[0], 1.0)
-        num_scalars = len(self.scalar_names)
-        scalars = accumulator[1 : 1 + num_scalars] / count
-        vectors = ops.reshape(
-            accumulator[1 + num_scalars :], (len(self.vector_names), -1)
-        ) / count
-        return scalars, vectors
-
     def _compact_values(self, members):
-        means = []
-        for member in members:
-            scalars, _ = member._means(ops.convert_to_tensor(member._state.current))
-            means.append(
-                ops.stack(
-                    [
-                        scalars[ROUTED_SCALARS.index(stat)]
-                        for stat in COMPACT_STATS.values()
-                    ]
-                )
-            )
-        return ops.mean(ops.stack(means), axis=0)
+        """The compact set `[len(COMPACT_STATS)]`: means over `members`."""
+        indices = [0] + [1 + ROUTED_SCALARS.index(s) for s in COMPACT_STATS.values()]
+        rows = ops.stack(
+            [ops.take(ops.convert_to_tensor(m._state.current), indices) for m in members]
+        )
+        return ops.mean(rows[:, 1:] / ops.maximum(rows[:, :1], 1.0), axis=0)
 
     def result(self):
         group = self._group
@@ -590,22 +597,37 @@ class RouterStatsMetric(keras.metrics.Metric):
         ):
             return {}
         members = group.routed_members
-        if all(member._readable() for member in members):
+        if keras.backend.backend() != "jax":
             compact = self._compact_values(members)
-            if keras.backend.backend() == "jax" and not in_stateless_scope():
-                self._compact_snapshot.assign(compact)
+        elif all(member._readable() for member in members) and not (
+            in_stateless_scope()
+        ):
+            # An eager read between JAX steps (the end of an epoch): NumPy,
+            # and a snapshot for the steps to report until the next one.
+            indices = [1 + ROUTED_SCALARS.index(s) for s in COMPACT_STATS.values()]
+            compact = np.mean(
+                [
+                    raw[indices] / max(raw[0], 1.0)
+                    for raw in (m.raw_values(current_only=True) for m in members)
+                ],
+                axis=0,
+            ).astype("float32")
+            self._compact_snapshot.assign(compact)
+            return {name: float(compact[i]) for i, name in enumerate(COMPACT_STATS)}
+        elif all(member._readable() for member in members):
+            compact = self._compact_values(members)
         else:
-            compact = self._compact_snapshot
-        return {name: compact[i] for i, name in enumerate(COMPACT_STATS)}
+            compact = ops.convert_to_tensor(self._compact_snapshot)
+        return dict(zip(COMPACT_STATS, ops.unstack(compact)))
 
-    def raw_values(self):
+    def raw_values(self, current_only=False):
         """The accumulator as numpy: `[count, scalar sums..., vector sums...]`.
 
-        The current period's, or the last completed one's when nothing was
-        recorded since the last reset.
+        The current period's, or (unless `current_only`) the last completed
+        one's when nothing was recorded since the last reset.
         """
         current = ops.convert_to_numpy(self._state.current)
-        if current[0] > 0:
+        if current[0] > 0 or current_only:
             return current
         return ops.convert_to_numpy(self._state.last)
 

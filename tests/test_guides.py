@@ -34,6 +34,8 @@ EXPECTED_OUTPUT = {
     "getting_started": ["moe_aux_loss", "SoftMoE"],
     "train_mixtral_small": ["Validation loss", "Reloaded"],
     "routing_strategies": ["expert_choice", "maxvio"],
+    "router_stats_tensorboard": ["router/expert_load_heatmap", "collapsed"],
+    "distributed_training": ["8 devices", "expert parallel 2x4"],
     "checkpoint_conversion": ["max |logits difference|"],
 }
 

@@ -27,7 +27,7 @@ def test_benchmark_smoke_run_prints_every_ratio():
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         env={**os.environ, "KERAS_BACKEND": backend},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -48,7 +48,7 @@ def test_layers_benchmark_smoke_run_prints_every_ratio():
         [sys.executable, str(script), "--quick", "--backends", backend, "--repeats", "1"],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         env={**os.environ, "KERAS_BACKEND": backend},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -74,7 +74,7 @@ def test_model_benchmark_smoke_run_reports_speedups():
          "--repeats", "1", "--experts", "4"],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         env={**os.environ, "KERAS_BACKEND": backend},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -85,24 +85,145 @@ _LAYOUTS = {
 _TINY = 1e-30
 
 
-def _f32(x):
-    # No `stop_gradient`: nothing differentiates the statistics (PyTorch
-    # records them under `no_gradient`, see `RouterStatsMetric.observe`).
-    x = ops.convert_to_tensor(x)
-    if keras.backend.standardize_dtype(x.dtype) == "float32":
-        return x
-    return ops.cast(x, "float32")
+class _KerasMath:
+    """The few array operations the statistics use, through `keras.ops`.
+
+    Compiled steps (XLA, `jax.jit`, `tf.function`) fuse them; what matters
+    there is what is computed, not how it is dispatched.
+    """
+
+    @staticmethod
+    def f32(x):
+        x = ops.convert_to_tensor(x)
+        if keras.backend.standardize_dtype(x.dtype) == "float32":
+            return x
+        return ops.cast(x, "float32")
+
+    sum = staticmethod(ops.sum)
+    mean = staticmethod(ops.mean)
+    max = staticmethod(ops.max)
+    log = staticmethod(ops.log)
+    std = staticmethod(ops.std)
+    logsumexp = staticmethod(ops.logsumexp)
+    reshape = staticmethod(ops.reshape)
+    expand_dims = staticmethod(ops.expand_dims)
+    at_least = staticmethod(ops.maximum)
+    at_most = staticmethod(ops.minimum)
+    stack = staticmethod(ops.stack)
+
+    @staticmethod
+    def concat(tensors):
+        return ops.concatenate(tensors, axis=0)
+
+    @staticmethod
+    def one_like(x):
+        return ops.ones((), "float32")
 
 
-def _token_mean(values, real, num_real):
+class _TorchMath:
+    """The same operations as native PyTorch calls, for eager PyTorch.
+
+    Every step runs them eagerly there, where a `keras.ops` call costs
+    several times the small op it wraps; these keep the statistics' share
+    of a training step small. Same arguments and results as `_KerasMath`.
+    """
+
+    @staticmethod
+    def f32(x):
+        import torch
+
+        if not isinstance(x, torch.Tensor):
+            x = ops.convert_to_tensor(x)
+        return x if x.dtype == torch.float32 else x.float()
+
+    @staticmethod
+    def _reduce(function, x, axis=None, keepdims=False):
+        if axis is None:
+            return function(x)
+        return function(x, dim=axis, keepdim=keepdims)
+
+    @classmethod
+    def sum(cls, x, axis=None, keepdims=False):
+        import torch
+
+        return cls._reduce(torch.sum, x, axis, keepdims)
+
+    @classmethod
+    def mean(cls, x, axis=None, keepdims=False):
+        import torch
+
+        return cls._reduce(torch.mean, x, axis, keepdims)
+
+    @classmethod
+    def max(cls, x, axis=None, keepdims=False):
+        import torch
+
+        return cls._reduce(torch.amax, x, axis, keepdims)
+
+    @staticmethod
+    def log(x):
+        return x.log()
+
+    @staticmethod
+    def std(x):
+        return x.std(correction=0)
+
+    @staticmethod
+    def logsumexp(x, axis, keepdims=False):
+        import torch
+
+        return torch.logsumexp(x, dim=axis, keepdim=keepdims)
+
+    @staticmethod
+    def reshape(x, shape):
+        return x.reshape(shape)
+
+    @staticmethod
+    def expand_dims(x, axis):
+        return x.unsqueeze(axis)
+
+    @staticmethod
+    def at_least(x, value):
+        return x.clamp(min=value)
+
+    @staticmethod
+    def at_most(x, value):
+        return x.clamp(max=value)
+
+    @staticmethod
+    def stack(tensors):
+        import torch
+
+        return torch.stack(tensors)
+
+    @staticmethod
+    def concat(tensors):
+        import torch
+
+        return torch.cat(tensors)
+
+    @staticmethod
+    def one_like(x):
+        import torch
+
+        return torch.ones((), dtype=torch.float32, device=x.device)
+
+
+def _math():
+    if keras.backend.backend() == "torch":
+        return _TorchMath
+    return _KerasMath
+
+
+def _token_mean(m, values, real, num_real):
     """Mean over real tokens (axis 0) of `values [T, ...]`; `real [T, 1]`."""
     if real is None:
-        return ops.mean(values, axis=0)
-    return ops.sum(values * real, axis=0) / num_real
+        return m.mean(values, axis=0)
+    return m.sum(values * real, axis=0) / num_real
 
 
-def _entropy(probs, axis):
-    return -ops.sum(probs * ops.log(ops.maximum(probs, _TINY)), axis=axis)
+def _entropy(m, probs, axis):
+    return -m.sum(probs * m.log(m.at_least(probs, _TINY)), axis=axis)
 
 
 def max_violation(expert_load):
@@ -129,47 +250,48 @@ def max_violation(expert_load):
     return (ops.max(load) - mean) / ops.maximum(mean, _TINY)
 
 
-def _load_statistics(expert_counts):
+def _load_statistics(m, expert_counts):
     """Load fractions, routed count, MaxVio and CV, counts summed over groups."""
-    counts = _f32(expert_counts)
+    counts = m.f32(expert_counts)
     num_experts = counts.shape[-1]
     if len(counts.shape) > 1:
-        counts = ops.sum(ops.reshape(counts, (-1, num_experts)), axis=0)
-    routed = ops.sum(counts)
-    load = counts / ops.maximum(routed, 1.0)
+        counts = m.sum(m.reshape(counts, (-1, num_experts)), axis=0)
+    routed = m.sum(counts)
+    load = counts / m.at_least(routed, 1.0)
     # The mean load is 1/E whenever anything was routed (the counts are
     # whole numbers); with nothing routed every statistic of the load is 0.
-    anything_routed = ops.minimum(routed, 1.0)
-    maxvio = (num_experts * ops.max(load) - 1.0) * anything_routed
-    load_cv = num_experts * ops.std(load) * anything_routed
+    anything_routed = m.at_most(routed, 1.0)
+    maxvio = (num_experts * m.max(load) - 1.0) * anything_routed
+    load_cv = num_experts * m.std(load) * anything_routed
     return load, routed, maxvio, load_cv
 
 
-def _router_statistics(router_probs, router_logits, expert_counts, token_mask):
+def _router_statistics(m, router_probs, router_logits, expert_counts, token_mask):
     num_experts = router_probs.shape[-1]
-    probs = ops.reshape(_f32(router_probs), (-1, num_experts))
-    logits = ops.reshape(_f32(router_logits), (-1, num_experts))
+    probs = m.reshape(m.f32(router_probs), (-1, num_experts))
+    logits = m.reshape(m.f32(router_logits), (-1, num_experts))
     if token_mask is None:
         real = num_real = None
     else:
-        real = ops.reshape(ops.cast(token_mask, "float32"), (-1, 1))
-        num_real = ops.maximum(ops.sum(real), 1.0)
-    load, routed, maxvio, load_cv = _load_statistics(expert_counts)
-    importance = _token_mean(probs, real, num_real)
-    log_z_squared = ops.square(ops.logsumexp(logits, axis=-1, keepdims=True))
-    p_log_p = probs * ops.log(ops.maximum(probs, _TINY))
+        real = m.reshape(m.f32(token_mask), (-1, 1))
+        num_real = m.at_least(m.sum(real), 1.0)
+    load, routed, maxvio, load_cv = _load_statistics(m, expert_counts)
+    importance = _token_mean(m, probs, real, num_real)
+    log_z = m.logsumexp(logits, axis=-1, keepdims=True)
+    log_z_squared = log_z * log_z
+    p_log_p = probs * m.log(m.at_least(probs, _TINY))
     if real is None:
-        z_loss = ops.mean(log_z_squared)
-        mean_entropy = -ops.mean(p_log_p) * num_experts
+        z_loss = m.mean(log_z_squared)
+        mean_entropy = -m.mean(p_log_p) * num_experts
     else:
-        z_loss = ops.sum(log_z_squared * real) / num_real
-        mean_entropy = -ops.sum(p_log_p * real) / num_real
+        z_loss = m.sum(log_z_squared * real) / num_real
+        mean_entropy = -m.sum(p_log_p * real) / num_real
     if num_experts > 1:
         router_entropy = mean_entropy / math.log(num_experts)
     else:
-        router_entropy = ops.zeros((), "float32")
+        router_entropy = mean_entropy * 0.0
     stats = {
-        "aux_loss": num_experts * ops.sum(load * importance),
+        "aux_loss": num_experts * m.sum(load * importance),
         "z_loss": z_loss,
         "maxvio": maxvio,
         "load_cv": load_cv,
@@ -212,11 +334,12 @@ def token_choice_stats(
     ...  for name in ("maxvio", "dropped_fraction", "aux_loss")]
     [0.5, 0.5, 1.15]
     """
+    m = _math()
     stats, routed, _, _ = _router_statistics(
-        router_probs, router_logits, expert_counts, token_mask
+        m, router_probs, router_logits, expert_counts, token_mask
     )
-    kept = ops.cast(num_kept, "float32")
-    stats["dropped_fraction"] = (routed - kept) / ops.maximum(routed, 1.0)
+    kept = m.f32(num_kept)
+    stats["dropped_fraction"] = (routed - kept) / m.at_least(routed, 1.0)
     return stats
 
 
@@ -251,9 +374,10 @@ def expert_choice_stats(
     >>> float(stats["maxvio"]), float(stats["dropped_fraction"])
     (0.0, 0.0)
     """
+    m = _math()
     filled = ops.cast(slot_filled, "float32")
     stats, _, real, num_real = _router_statistics(
-        router_probs, router_logits, ops.sum(filled, axis=-1), token_mask
+        m, router_probs, router_logits, m.sum(filled, axis=-1), token_mask
     )
     num_groups = ops.shape(slot_tokens)[0]
     num_tokens = ops.shape(router_probs)[1]
@@ -265,11 +389,11 @@ def expert_choice_stats(
         ops.reshape(ops.cast(slot_tokens, "int32") + offsets, (-1,)),
         num_segments=num_groups * num_tokens,
     )
-    untaken = ops.cast(times_taken == 0, "float32")
+    untaken = m.f32(times_taken == 0)
     if real is None:
-        stats["dropped_fraction"] = ops.mean(untaken)
+        stats["dropped_fraction"] = m.mean(untaken)
     else:
-        stats["dropped_fraction"] = ops.sum(untaken * real[:, 0]) / num_real
+        stats["dropped_fraction"] = m.sum(untaken * real[:, 0]) / num_real
     return stats
 
 
@@ -300,48 +424,45 @@ def soft_routing_stats(dispatch_weights, combine_weights, num_experts, token_mas
     >>> np.round(np.asarray(stats["expert_share"]), 3).tolist()
     [0.5, 0.5]
     """
-    dispatch = _f32(dispatch_weights)
-    combine = _f32(combine_weights)
+    m = _math()
+    dispatch = m.f32(dispatch_weights)
+    combine = m.f32(combine_weights)
     num_slots = dispatch.shape[-1]
     if token_mask is None:
-        real = ops.ones(ops.shape(dispatch)[:2], "float32")
+        real = m.f32(ops.ones(ops.shape(dispatch)[:2]))
     else:
-        real = ops.cast(token_mask, "float32")
-    real_per_sequence = ops.sum(real, axis=1)  # [B]
-    num_real = ops.maximum(ops.sum(real), 1.0)
+        real = m.f32(token_mask)
+    real_per_sequence = m.sum(real, axis=1)  # [B]
+    num_real = m.at_least(m.sum(real), 1.0)
 
     # Per slot: how spread its mix of tokens is. A sequence with fewer than
     # two real tokens has nothing to spread over and is left out.
-    spread = ops.cast(real_per_sequence >= 2, "float32")
-    dispatch_entropy = _entropy(dispatch, axis=1) / ops.expand_dims(
-        ops.log(ops.maximum(real_per_sequence, 2.0)), -1
+    spread = m.f32(real_per_sequence >= 2)
+    dispatch_entropy = _entropy(m, dispatch, axis=1) / m.expand_dims(
+        m.log(m.at_least(real_per_sequence, 2.0)), -1
     )
-    num_spread_slots = ops.maximum(ops.sum(spread) * num_slots, 1.0)
-    has_tokens = ops.cast(real_per_sequence >= 1, "float32")
-    num_slots_with_tokens = ops.maximum(ops.sum(has_tokens) * num_slots, 1.0)
-    dispatch_max = ops.max(dispatch, axis=1)  # [B, N]
+    num_spread_slots = m.at_least(m.sum(spread) * num_slots, 1.0)
+    has_tokens = m.f32(real_per_sequence >= 1)
+    num_slots_with_tokens = m.at_least(m.sum(has_tokens) * num_slots, 1.0)
+    dispatch_max = m.max(dispatch, axis=1)  # [B, N]
 
-    token_share = ops.sum(
-        ops.reshape(combine, (-1, num_experts, num_slots // num_experts)), axis=-1
+    token_share = m.sum(
+        m.reshape(combine, (-1, num_experts, num_slots // num_experts)), axis=-1
     )  # [B * T, E]
-    flat_real = ops.reshape(real, (-1, 1))
+    flat_real = m.reshape(real, (-1, 1))
     if num_slots > 1:
-        combine_entropy = _entropy(combine, axis=-1) / math.log(num_slots)
-        combine_entropy = ops.sum(combine_entropy * real) / num_real
+        combine_entropy = _entropy(m, combine, axis=-1) / math.log(num_slots)
+        combine_entropy = m.sum(combine_entropy * real) / num_real
     else:
-        combine_entropy = ops.zeros((), "float32")
+        combine_entropy = m.sum(real) * 0.0
     return {
-        "dispatch_entropy": ops.sum(
-            dispatch_entropy * ops.expand_dims(spread, -1)
-        )
+        "dispatch_entropy": m.sum(dispatch_entropy * m.expand_dims(spread, -1))
         / num_spread_slots,
         "combine_entropy": combine_entropy,
-        "dispatch_max_weight": ops.sum(
-            dispatch_max * ops.expand_dims(has_tokens, -1)
-        )
+        "dispatch_max_weight": m.sum(dispatch_max * m.expand_dims(has_tokens, -1))
         / num_slots_with_tokens,
-        "combine_max_weight": ops.sum(ops.max(combine, axis=-1) * real) / num_real,
-        "expert_share": ops.sum(token_share * flat_real, axis=0) / num_real,
+        "combine_max_weight": m.sum(m.max(combine, axis=-1) * real) / num_real,
+        "expert_share": m.sum(token_share * flat_real, axis=0) / num_real,
     }
 
 
@@ -551,11 +672,15 @@ class RouterStatsMetric(keras.metrics.Metric):
 
     def update_state(self, stats):
         """Add one step's statistics (a dict as `token_choice_stats` returns)."""
-        scalars = [ops.ones((), "float32")]
-        scalars.extend(stats[name] for name in self.scalar_names)
-        values = [ops.stack(scalars)]
-        values.extend(stats[name] for name in self.vector_names)
-        self._state.current.assign_add(ops.concatenate(values, axis=0))
+        m = _math()
+        first = stats[self.scalar_names[0]]
+        scalars = [m.one_like(first)]
+        scalars.extend(m.f32(stats[name]) for name in self.scalar_names)
+        values = [m.stack(scalars)]
+        values.extend(
+            m.reshape(m.f32(stats[name]), (-1,)) for name in self.vector_names
+        )
+        self._state.current.assign_add(m.concat(values))
 
     def reset_state(self):
         # Keep the finished period for `values()`; a second reset in a row
@@ -581,11 +706,14 @@ class RouterStatsMetric(keras.metrics.Metric):
 
     def _compact_values(self, members):
         """The compact set `[len(COMPACT_STATS)]`: means over `members`."""
-        indices = [0] + [1 + ROUTED_SCALARS.index(s) for s in COMPACT_STATS.values()]
-        rows = ops.stack(
-            [ops.take(ops.convert_to_tensor(m._state.current), indices) for m in members]
-        )
-        return ops.mean(rows[:, 1:] / ops.maximum(rows[:, :1], 1.0), axis=0)
+        m = _math()
+        indices = [1 + ROUTED_SCALARS.index(s) for s in COMPACT_STATS.values()]
+        means = []
+        for member in members:
+            current = member._state.current.value
+            count = m.at_least(current[0], 1.0)
+            means.append(m.stack([current[i] for i in indices]) / count)
+        return m.mean(m.stack(means), axis=0)
 
     def result(self):
         group = self._group
@@ -617,8 +745,8 @@ class RouterStatsMetric(keras.metrics.Metric):
         elif all(member._readable() for member in members):
             compact = self._compact_values(members)
         else:
-            compact = ops.convert_to_tensor(self._compact_snapshot)
-        return dict(zip(COMPACT_STATS, ops.unstack(compact)))
+            compact = self._compact_snapshot.value
+        return {name: compact[i] for i, name in enumerate(COMPACT_STATS)}
 
     def raw_values(self, current_only=False):
         """The accumulator as numpy: `[count, scalar sums..., vector sums...]`.

@@ -35,7 +35,6 @@ MODULES_WITH_EXAMPLES = {
     "keras_moe.models.multi_head_latent_attention",
     "keras_moe.models.rms_normalization",
     "keras_moe.models.yarn",
-    "keras_moe.models.yarn",
     "keras_moe.ops.dispatch",
     "keras_moe.ops.router_stats",
     "keras_moe.presets.loading",

@@ -57,12 +57,16 @@ def router_stats_metrics(model):
     return metrics
 
 
-def _sync_state(model):
+def _sync_state(model, metrics=()):
     # A JAX `fit` keeps the training state outside the variables between
-    # synchronisations; reading the statistics mid-epoch needs one.
+    # synchronisations; reading the statistics mid-epoch needs one. The
+    # metrics' `result()` then refreshes the compact set the progress bar
+    # shows until the next one.
     sync = getattr(model, "jax_state_sync", None)
     if callable(sync):
         sync()
+        for metric in metrics:
+            metric.result()
 
 
 def _keyed_by_path(metrics):
@@ -107,7 +111,7 @@ def collect_router_stats(model):
     """
     metrics = [m for m in router_stats_metrics(model) if m.built_state]
     if metrics:
-        _sync_state(model)
+        _sync_state(model, metrics)
     return {path: metric.values() for path, metric in _keyed_by_path(metrics).items()}
 
 
@@ -366,7 +370,7 @@ class RouterStats(keras.callbacks.Callback):
         metrics = [metric for metric in self._metrics if metric.built_state]
         if not metrics:
             return
-        _sync_state(self.model)
+        _sync_state(self.model, metrics)
         rows, labels = [], []
         with self._get_writer().as_default(step=step):
             for path, metric in _keyed_by_path(metrics).items():

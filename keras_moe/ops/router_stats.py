@@ -30,8 +30,21 @@ its weights over slots / log of the number of slots), `dispatch_max_weight`,
 `combine_max_weight` (the mean largest weight), and `expert_share` (per
 expert, the mean share of a token's combine weight that goes to its slots).
 
-Every value is the mean over the steps recorded since the last reset of the
-per-step value (MaxVio is a per-batch quantity, as in the paper).
+Read as they stand, not accumulated: `expert_bias` (the balancing bias,
+where `bias_update_rate > 0`) and SoftMoE's learned `scale`.
+
+Steps are recorded in training calls only (`training=True`, as in
+`model.fit`); `keras_moe.callbacks.router_stats` measures inference. Every
+value is the mean over the steps recorded since the last reset of the
+per-step value (MaxVio is a per-batch quantity, as in the paper). Keras
+resets at the start of each epoch.
+
+How the numbers flow: layer `call` -> accumulator (non-trainable state) ->
+`RouterStatsMetric` (`layer.router_stats`, in `model.metrics`) -> the fit
+logs (`moe_aux_loss`, `moe_maxvio`, `moe_dropped_fraction`: progress bar,
+`History`, every callback) and `keras_moe.callbacks.collect_router_stats`
+(every statistic of every layer) -> `keras_moe.callbacks.RouterStats`
+(TensorBoard).
 """
 
 import contextlib
@@ -526,11 +539,12 @@ class RouterStatsMetric(keras.metrics.Metric):
     after validation.
 
     Under JAX, `model.fit` keeps the training state outside the variables
-    between synchronisations (at the end of each epoch, or when a callback
-    such as `keras_moe.callbacks.RouterStats` asks for it): the epoch's logs
-    and `History` hold the exact values, while the progress bar shows, during
-    an epoch, the values of the last synchronisation. On TensorFlow and
-    PyTorch every step's logs are exact.
+    between synchronisations (at the end of each epoch, or when
+    `keras_moe.callbacks.collect_router_stats` or the `RouterStats` callback
+    reads the statistics), and a compiled step cannot read them: the epoch's
+    logs and `History` hold the exact values, while during an epoch the
+    progress bar shows the values of the last synchronisation (zeros before
+    the first). On TensorFlow and PyTorch every step's logs are exact.
 
     Args:
         kind: `"routed"` (token or expert choice) or `"soft"` (`SoftMoE`).
@@ -761,6 +775,10 @@ class RouterStatsMetric(keras.metrics.Metric):
 
     def values(self):
         """Every statistic of the layer, as Python floats and numpy arrays.
+
+        Reads the variables: while a JAX `fit` runs, use
+        `keras_moe.callbacks.collect_router_stats(model)`, which first
+        brings the training state back into them.
 
         Returns:
             A dict: `steps` (the number of recorded steps), the scalar

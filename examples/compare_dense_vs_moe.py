@@ -506,25 +506,36 @@ def plot(results, path):
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    dense = next((r for r in results if r["variant"] == "dense"), None)
+    panels = 3 if dense else 2
+    figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
+    by_step, by_time = axes[:2]
     for result in results:
-        style = "-" if result["variant"] == "dense" else "--"
-        if result["variant"].startswith("mixtral"):
-            style = "-."
-        width = 2.5 if result["variant"] == "dense" else 1.6
+        variant = result["variant"]
+        style = "-" if variant == "dense" else "-." if "mixtral" in variant else "--"
+        line = dict(linewidth=2.5 if variant == "dense" else 1.6, label=variant)
         # Step 0 (the untrained loss) would squash the interesting part.
-        by_step.plot(result["steps"][1:], result["val_loss"][1:], style,
-                     linewidth=width, label=result["variant"])
-        by_time.plot(result["seconds"][1:], result["val_loss"][1:], style,
-                     linewidth=width, label=result["variant"])
+        steps, seconds = result["steps"][1:], result["seconds"][1:]
+        losses = np.array(result["val_loss"][1:])
+        by_step.plot(steps, losses, style, **line)
+        by_time.plot(seconds, losses, style, **line)
+        if dense:
+            gap = losses - np.array(dense["val_loss"][1:])
+            axes[2].plot(steps, gap, style, **line)
     by_step.set_xlabel("training step")
-    by_time.set_xlabel("training wall-clock (s)")
+    by_step.set_title("Equal steps")
+    by_time.set_xlabel("training wall-clock, compilation excluded (s)")
+    by_time.set_title("Equal wall-clock")
     for axis in (by_step, by_time):
         axis.set_ylabel("validation loss (nats per byte)")
+    if dense:
+        axes[2].axhline(0.0, color="black", linewidth=0.8)
+        axes[2].set_xlabel("training step")
+        axes[2].set_ylabel("validation loss minus dense's")
+        axes[2].set_title("Below 0: better than dense")
+    for axis in axes:
         axis.grid(alpha=0.3)
     by_step.legend()
-    by_step.set_title("Equal steps")
-    by_time.set_title("Equal wall-clock")
     figure.suptitle(
         "Dense vs MoE decoders at equal active parameters per token"
     )

@@ -16,6 +16,17 @@ $(STAMP): pyproject.toml Makefile
 	# satisfied and never pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev,jax,torch]"
+	# Headless Chromium, for examples/tensorboard_screenshot.py and its test:
+	# Debian's package, where apt-get can install it.
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y --no-install-recommends chromium \
+	  || (apt-get update && apt-get install -y --no-install-recommends chromium) \
+	  || echo "Could not install chromium (not root?); tests/test_tensorboard_screenshot.py needs it: sudo apt-get install -y --no-install-recommends chromium"; \
+	else \
+	  echo "No apt-get: install Chromium for tests/test_tensorboard_screenshot.py"; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)

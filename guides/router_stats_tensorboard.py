@@ -154,6 +154,19 @@ history = model.fit(
 # filter on `router/` for the per-layer curves; *Histograms* shows the
 # expert loads; *Images* shows `router/expert_load_heatmap`, one slider
 # position per epoch.
+#
+# Here is what those pages look like for a small model whose three MoE
+# layers route the same skewed tokens: without balancing (heatmap row 0,
+# where two experts take nearly all the tokens), with the Switch loss
+# (row 1) and with bias balancing (row 2), written every 25 steps
+# (`examples/tensorboard_screenshot.py` trains it and takes the
+# screenshots). The collapsing layer's MaxVio climbs towards its maximum
+# E/k - 1 = 3 while the other two fall; the section *Diagnosing a collapse*
+# below runs the same experiment.
+#
+# ![TensorBoard's Images page: the expert load heatmap](https://raw.githubusercontent.com/keras-moe/keras-moe/main/docs/images/router_stats_heatmap.png)
+#
+# ![TensorBoard's Scalars page: MaxVio of the three layers](https://raw.githubusercontent.com/keras-moe/keras-moe/main/docs/images/router_stats_scalars.png)
 
 # %%
 # %load_ext tensorboard

@@ -6,11 +6,13 @@ import subprocess
 import sys
 
 import keras
-import pytest
+
+from script_backends import runs_on
 
 SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "sparse_moe_benchmark.py"
 
 
+@runs_on("tensorflow")
 def test_benchmark_smoke_run_prints_every_ratio():
     backend = keras.backend.backend()
     result = subprocess.run(
@@ -41,6 +43,7 @@ def test_benchmark_smoke_run_prints_every_ratio():
         assert ratio in result.stdout, ratio
 
 
+@runs_on("jax")
 def test_layers_benchmark_smoke_run_prints_every_ratio():
     backend = keras.backend.backend()
     script = SCRIPT.parent / "moe_layers_benchmark.py"
@@ -61,11 +64,9 @@ def test_layers_benchmark_smoke_run_prints_every_ratio():
         assert ratio in result.stdout, ratio
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "torch",
-    reason="compiling three models' train steps takes minutes under XLA; "
-    "the script's code is the same on every backend, smoke-run it eagerly",
-)
+# Compiling three models' training steps takes minutes under XLA: smoke-run
+# this one eagerly.
+@runs_on("torch")
 def test_model_benchmark_smoke_run_reports_speedups():
     backend = keras.backend.backend()
     script = SCRIPT.parent / "mixtral_model_benchmark.py"

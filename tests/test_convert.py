@@ -9,8 +9,6 @@ PyTorch run Mixtral (the conversion code is backend-independent NumPy).
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
@@ -562,37 +560,3 @@ def test_tokenizer_runs_inside_tf_data(checkpoints, tmp_path):
     np.testing.assert_array_equal(
         np.asarray(x["token_ids"]), keras.ops.convert_to_numpy(direct["token_ids"])
     )
-
-
-# --- The guide ----------------------------------------------------------------
-
-
-@pytest.mark.skipif(
-    keras.backend.backend() == "jax",
-    reason="On a CPU, JAX spends two minutes compiling the guide's model; the "
-    "guide's code is backend-independent and runs in the TensorFlow and "
-    "PyTorch suites.",
-)
-def test_checkpoint_conversion_guide_runs_in_fast_mode():
-    env = dict(
-        os.environ,
-        KERAS_BACKEND=keras.backend.backend(),
-        KERAS_MOE_GUIDE_FAST="1",
-    )
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "guides" / "checkpoint_conversion.py")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "max |logits difference|" in result.stdout
-
-
-def test_checkpoint_conversion_notebook_matches_the_script():
-    jupytext = pytest.importorskip("jupytext")
-    script = jupytext.read(ROOT / "guides" / "checkpoint_conversion.py")
-    notebook = jupytext.read(ROOT / "guides" / "checkpoint_conversion.ipynb")
-    assert [c.source for c in script.cells] == [c.source for c in notebook.cells]

@@ -13,6 +13,8 @@ import keras
 import numpy as np
 import pytest
 
+from script_backends import runs_on
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -27,6 +29,7 @@ def run_example(script, *args):
     )
 
 
+@runs_on("tensorflow")
 def test_train_sparse_moe_runs_and_reports_losses():
     result = run_example(
         "train_sparse_moe.py",
@@ -88,6 +91,7 @@ def test_train_sparse_moe_defaults():
 # --- compare_dense_vs_moe.py -------------------------------------------------
 
 
+@runs_on("torch")
 def test_compare_dense_vs_moe_runs_and_writes_its_results(tmp_path):
     result = run_example(
         "compare_dense_vs_moe.py", "--fast", f"--output-dir={tmp_path}"
@@ -165,6 +169,7 @@ def test_compare_dense_vs_moe_rejects_bad_arguments(args, named, capsys):
 # --- soft_moe_vision.py -------------------------------------------------------
 
 
+@runs_on("torch")
 def test_soft_moe_vision_runs_and_reports_both_models():
     result = run_example("soft_moe_vision.py", "--fast")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import pytest
 
+from script_backends import runs_on
 from keras_moe import presets
 from keras_moe.presets import memory
 
@@ -609,6 +610,7 @@ def test_wheel_ships_the_preset_files(tmp_path):
 # The example.
 
 
+@runs_on("torch")
 def test_train_lm_example_runs_fast(tmp_path):
     env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
     result = subprocess.run(
@@ -632,6 +634,7 @@ def test_train_lm_example_runs_fast(tmp_path):
     assert any((tmp_path / "tensorboard").rglob("events.out.tfevents*"))
 
 
+@runs_on("tensorflow")
 def test_train_lm_example_reads_given_text_files(tmp_path):
     text_file = tmp_path / "notes.txt"
     text_file.write_text("The quick brown fox jumps over the lazy dog.\n" * 200)

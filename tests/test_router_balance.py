@@ -11,8 +11,10 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
 
 import router_balance  # noqa: E402
+from script_backends import runs_on  # noqa: E402
 
 
+@runs_on("tensorflow")
 def test_balancing_prevents_router_collapse():
     maxvio = {
         variant: router_balance.run(variant, steps=120, seed=0)[1]

@@ -17,6 +17,7 @@ from keras import ops
 
 import moe_reference
 import routing_reference
+from script_backends import runs_on
 from keras_moe.callbacks import RouterStats
 from keras_moe.callbacks import collect_router_stats
 from keras_moe.callbacks import render_load_heatmap
@@ -610,6 +611,7 @@ def test_model_without_moe_layers_warns_and_trains(tmp_path):
         collect_router_stats("model")
 
 
+@runs_on("torch")
 def test_overhead_benchmark_smoke_run():
     import os
     import pathlib

@@ -121,7 +121,6 @@ class _KerasMath:
     reshape = staticmethod(ops.reshape)
     expand_dims = staticmethod(ops.expand_dims)
     at_least = staticmethod(ops.maximum)
-    at_most = staticmethod(ops.minimum)
     stack = staticmethod(ops.stack)
 
     @staticmethod
@@ -131,6 +130,10 @@ class _KerasMath:
     @staticmethod
     def one_like(x):
         return ops.ones((), "float32")
+
+    @staticmethod
+    def add_to(variable, value):
+        variable.assign_add(value)
 
 
 class _TorchMath:
@@ -200,10 +203,6 @@ class _TorchMath:
         return x.clamp(min=value)
 
     @staticmethod
-    def at_most(x, value):
-        return x.clamp(max=value)
-
-    @staticmethod
     def stack(tensors):
         import torch
 
@@ -220,6 +219,18 @@ class _TorchMath:
         import torch
 
         return torch.ones((), dtype=torch.float32, device=x.device)
+
+    @staticmethod
+    def add_to(variable, value):
+        import torch
+
+        if in_stateless_scope():
+            variable.assign_add(value)
+            return
+        # In place, as `Variable.assign` does on PyTorch, without the checks
+        # and conversions around it.
+        with torch.no_grad():
+            variable.value.add_(value.detach())
 
 
 def _math():
@@ -270,12 +281,12 @@ def _load_statistics(m, expert_counts):
     if len(counts.shape) > 1:
         counts = m.sum(m.reshape(counts, (-1, num_experts)), axis=0)
     routed = m.sum(counts)
-    load = counts / m.at_least(routed, 1.0)
-    # The mean load is 1/E whenever anything was routed (the counts are
-    # whole numbers); with nothing routed every statistic of the load is 0.
-    anything_routed = m.at_most(routed, 1.0)
-    maxvio = (num_experts * m.max(load) - 1.0) * anything_routed
-    load_cv = num_experts * m.std(load) * anything_routed
+    routed_at_least_1 = m.at_least(routed, 1.0)
+    load = counts / routed_at_least_1
+    # The mean load is 1/E whenever anything was routed; with nothing
+    # routed the load is all zeros and so are MaxVio and the CV.
+    maxvio = (num_experts * m.max(counts) - routed) / routed_at_least_1
+    load_cv = num_experts * m.std(load)
     return load, routed, maxvio, load_cv
 
 
@@ -694,7 +705,7 @@ class RouterStatsMetric(keras.metrics.Metric):
         values.extend(
             m.reshape(m.f32(stats[name]), (-1,)) for name in self.vector_names
         )
-        self._state.current.assign_add(m.concat(values))
+        m.add_to(self._state.current, m.concat(values))
 
     def reset_state(self):
         # Keep the finished period for `values()`; a second reset in a row

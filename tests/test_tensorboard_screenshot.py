@@ -5,7 +5,7 @@ real `tensorboard` and screenshots its pages in headless Chromium; here it
 runs in its fast mode and the PNG files are checked: the requested size,
 not a blank page, and the heatmap's colours on the Images page. What it
 does is the same on every backend, so it runs in the TensorFlow pytest run
-only. Chromium is a requirement of the test suite (`make install` installs
+only (`tests/script_backends.py`). Chromium is a requirement of the test suite (`make install` installs
 Debian's `chromium`); without it the test fails, saying how to install it.
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from script_backends import runs_on
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "tensorboard_screenshot.py"
@@ -41,10 +42,7 @@ def pixels_near(image, colour, tolerance=24):
     return int(np.sum(np.all(np.abs(image - colour) <= tolerance, axis=-1)))
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="the screenshots do not depend on the backend: TensorFlow run only",
-)
+@runs_on("tensorflow")
 def test_screenshots_show_the_router_pages(tmp_path):
     if not any(shutil.which(name) for name in CHROMIUM_NAMES):
         pytest.fail(

@@ -57,30 +57,12 @@ from keras_moe.datasets import byte_lm_arrays
 from keras_moe.datasets import offline_corpus
 from keras_moe.models import MoEBackbone
 from keras_moe.models import MoECausalLM
+from keras_moe.utils.command_line import non_negative_float
+from keras_moe.utils.command_line import positive_float
+from keras_moe.utils.command_line import positive_int
 
 VOCABULARY_SIZE = 256  # One token per byte value.
 VARIANT_PATTERN = re.compile(r"^(dense|switch-(\d+)|mixtral-(\d+))$")
-
-
-def positive_int(value):
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
-
-
-def positive_float(value):
-    number = float(value)
-    if not number > 0:  # Also rejects NaN.
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return number
-
-
-def non_negative_float(value):
-    number = float(value)
-    if not number >= 0:  # Also rejects NaN.
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
 
 
 def parse_args(argv=None):

@@ -40,30 +40,12 @@ from keras import ops
 
 from keras_moe.layers import FeedForward
 from keras_moe.layers import SoftMoE
+from keras_moe.utils.command_line import non_negative_int
+from keras_moe.utils.command_line import positive_float
+from keras_moe.utils.command_line import positive_int
 
 IMAGE_SIZE = 8
 NUM_CLASSES = 10
-
-
-def positive_int(value):
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
-
-
-def non_negative_int(value):
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
-
-
-def positive_float(value):
-    number = float(value)
-    if not number > 0:  # Also rejects NaN.
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return number
 
 
 def parse_args(argv=None):

@@ -32,6 +32,10 @@ import keras_hub
 import numpy as np
 
 from keras_moe import presets
+from keras_moe.utils.command_line import fraction
+from keras_moe.utils.command_line import non_negative_int
+from keras_moe.utils.command_line import positive_float
+from keras_moe.utils.command_line import positive_int
 
 # Standard library folders that are tests, bundled third-party code or tools
 # rather than library source.
@@ -46,34 +50,6 @@ SKIPPED_STDLIB_FOLDERS = {
     "ensurepip",
     "__pycache__",
 }
-
-
-def positive_int(value):
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
-
-
-def non_negative_int(value):
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
-
-
-def positive_float(value):
-    number = float(value)
-    if not number > 0:  # Also rejects NaN.
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return number
-
-
-def fraction(value):
-    number = float(value)
-    if not 0 < number < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
-    return number
 
 
 def parse_args(argv=None):

@@ -41,6 +41,7 @@ MODULES_WITH_EXAMPLES = {
     "keras_moe.presets.memory",
     "keras_moe.presets.parameter_count",
     "keras_moe.presets.preset_registry",
+    "keras_moe.utils.command_line",
 }
 
 

@@ -1,3 +1,5 @@
+import gc
+
 import keras
 import ml_dtypes
 import numpy as np
@@ -57,6 +59,8 @@ _FLOAT8_VARIABLES = (
     "outputs_grad_amax_history",
 )
 _QUANTIZATION_MODES = ("int8", "float8")
+# Saved after the int8 variables: whether the inputs are quantized too.
+_INPUTS_QUANTIZED = "inputs_quantized"
 
 
 def _float8_max(dtype):
@@ -78,10 +82,15 @@ class FeedForwardWeights(keras.layers.Layer):
     - `quantize("int8")` stores each kernel as int8 with one float scale per
       output channel (per expert and output channel for stacked kernels:
       `up_kernel` int8 `[E, d, f]`, `up_kernel_scale` `[E, f]`), by absolute
-      maximum over the kernel's input axis. Inputs are quantized per row on
-      the fly (Keras' default `AbsMaxQuantizer`); an
-      `Int8QuantizationConfig(activation_quantizer=None)` keeps them float
-      (weight-only int8).
+      maximum over the kernel's input axis. As for `keras.layers.Dense`,
+      the default `Int8QuantizationConfig` also quantizes each input row to
+      int8 on the fly; `Int8QuantizationConfig(activation_quantizer=None)`
+      keeps the inputs in the compute dtype (weight-only int8, more
+      accurate). Which of the two a layer uses is saved with its weights,
+      so a model reloads to the same outputs even when the layer sits
+      inside a MoE layer, whose config does not carry the quantization
+      config (a custom activation quantizer comes back as the default
+      `AbsMaxQuantizer`).
     - `quantize("float8")` keeps float kernels and runs each projection in
       float8 with delayed scaling (Keras' float8 training recipe).
     - `enable_lora(rank)` freezes the kernels (and biases) and adds trainable
@@ -148,6 +157,7 @@ class FeedForwardWeights(keras.layers.Layer):
 
     def _post_build_lora(self):
         if self.lora_rank:
+            self.built = True  # as `keras.layers.EinsumDense.build` does
             self.enable_lora(self.lora_rank, lora_alpha=self.lora_alpha)
 
     # Forward pass ----------------------------------------------------------
@@ -330,7 +340,7 @@ class FeedForwardWeights(keras.layers.Layer):
             config: optional `keras.quantizers.QuantizationConfig`; for int8,
                 its `weight_quantizer` must reduce over the kernel's input
                 axis (-2), and `activation_quantizer=None` keeps the inputs
-                float.
+                in the compute dtype (weight-only int8).
         """
         if type_check and type(self).call is not FeedForwardWeights.call:
             raise self._not_implemented_error(self.quantize)
@@ -348,7 +358,7 @@ class FeedForwardWeights(keras.layers.Layer):
                 if self.lora_enabled:
                     kernel = self._merged_kernel(name)
                 quantized[name] = self._quantize_kernel(kernel, config)
-                delattr(self, f"{name}_kernel")
+            self._delete_variables([f"{name}_kernel" for name in self.projections])
             self.quantized_build(None, mode, config)
             for name, (kernel, kernel_scale) in quantized.items():
                 getattr(self, f"{name}_kernel").assign(kernel)
@@ -361,6 +371,18 @@ class FeedForwardWeights(keras.layers.Layer):
             self.dtype_policy = keras.dtype_policies.get(
                 f"{mode}_from_{self.dtype_policy.name}"
             )
+
+    def _delete_variables(self, names):
+        """Drop variables, then collect garbage once to free their buffers.
+
+        `keras.layers.Layer.__delattr__` runs a full `gc.collect()` per
+        variable, which takes a second or more in a process holding a large
+        framework.
+        """
+        for name in names:
+            self._untrack_variable(getattr(self, name))
+            super(keras.layers.Layer, self).__delattr__(name)
+        gc.collect()
 
     def _quantize_kernel(self, kernel, config):
         """int8 kernel and float `[..., fan_out]` scales, per output channel."""
@@ -443,7 +465,8 @@ class FeedForwardWeights(keras.layers.Layer):
         return {
             None: float_names,
             "int8": float_names
-            + [f"{name}_kernel_scale" for name in self.projections],
+            + [f"{name}_kernel_scale" for name in self.projections]
+            + [_INPUTS_QUANTIZED],
             "float8": float_names
             + [
                 f"{name}_{suffix}"
@@ -468,7 +491,12 @@ class FeedForwardWeights(keras.layers.Layer):
                     )
                 merged[f"{name}_kernel"] = kernel
         for index, name in enumerate(self.variable_serialization_spec[mode]):
-            store[str(index)] = merged.get(name, getattr(self, name))
+            if name == _INPUTS_QUANTIZED:
+                store[str(index)] = np.array(
+                    [self.inputs_quantizer is not None], "int8"
+                )
+            else:
+                store[str(index)] = merged.get(name, getattr(self, name))
 
     def load_own_variables(self, store):
         names = self.variable_serialization_spec[self.quantization_mode]
@@ -485,7 +513,14 @@ class FeedForwardWeights(keras.layers.Layer):
         if not self.built:
             return
         for index, name in enumerate(names):
-            getattr(self, name).assign(store[str(index)])
+            if name == _INPUTS_QUANTIZED:
+                quantized = bool(np.asarray(store[str(index)]).any())
+                if not quantized:
+                    self.inputs_quantizer = None
+                elif self.inputs_quantizer is None:
+                    self.inputs_quantizer = quantizers.AbsMaxQuantizer()
+            else:
+                getattr(self, name).assign(store[str(index)])
         if self.lora_enabled:
             # The saved kernels hold the merged adaptation.
             self._reset_lora()

@@ -1,0 +1,160 @@
+"""What quantization does to a preset: expert memory, step time, logits.
+
+    KERAS_BACKEND=jax python benchmarks/quantization_benchmark.py
+    KERAS_BACKEND=jax python benchmarks/quantization_benchmark.py --quick
+
+For each preset (at its own widths) the float32 model and its
+`model.quantize("int8")` and `model.quantize("float8")` copies are built
+from the same seed:
+
+- memory: bytes of the routed experts' variables (`*/experts/*`), and of
+  every feed-forward variable (routed experts, shared experts and dense
+  layers: what `Experts` and `FeedForward` quantize);
+- logits: correlation with the float model over the real tokens of a padded
+  batch, for Keras' default int8 (weights and, per token, activations) and
+  weight-only int8 (`Int8QuantizationConfig(activation_quantizer=None)`)
+  and float8 (float kernels, each projection computed in float8 with
+  delayed scaling), over several seeds (the models are untrained: near-tied routing choices
+  can flip, which is what moves the correlation);
+- step time: the median over `--repeats` of a compiled inference step
+  (`predict_on_batch`) and of a training step (`train_on_batch`) on
+  `[batch, length]` tokens; int8 kernels are frozen, so the int8 model
+  trains its other weights (float8 trains every weight).
+
+Prints one table per preset, Markdown-ready.
+"""
+
+import argparse
+import statistics
+import time
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_moe import presets
+from keras_moe.layers.experts import FeedForwardWeights
+
+# name -> arguments of `model.quantize`.
+MODES = {
+    "float32": None,
+    "int8 (W8A8)": {"mode": "int8"},
+    "int8 weight-only": {
+        "mode": "int8",
+        "config": keras.quantizers.Int8QuantizationConfig(activation_quantizer=None),
+    },
+    "float8": {"mode": "float8"},
+}
+
+
+def build(name, seed, mode, overrides):
+    keras.utils.set_random_seed(seed)
+    model = presets.load(name, preprocessor=None, **overrides)
+    if MODES[mode] is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # layers Keras does not quantize
+            model.quantize(**MODES[mode])
+    return model
+
+
+def nbytes(weights):
+    return sum(
+        int(np.prod(w.shape))
+        * np.dtype(keras.backend.standardize_dtype(w.dtype)).itemsize
+        for w in weights
+    )
+
+
+def feed_forward_weights(model):
+    return [
+        w
+        for layer in model._flatten_layers()
+        if isinstance(layer, FeedForwardWeights)
+        for w in layer.weights
+    ]
+
+
+def token_batch(batch, length, vocabulary_size, seed=0):
+    rng = np.random.default_rng(seed)
+    token_ids = rng.integers(0, vocabulary_size, size=(batch, length)).astype("int32")
+    padding_mask = np.ones_like(token_ids)
+    padding_mask[0, length // 2 :] = 0
+    return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+
+def median_seconds(step, repeats):
+    step()  # compile
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(name, args):
+    overrides = {"num_layers": args.num_layers} if args.num_layers else {}
+    vocabulary_size = presets.config(name)["vocabulary_size"]
+    inputs = token_batch(args.batch, args.length, vocabulary_size)
+    real = inputs["padding_mask"].astype(bool)
+    labels = np.roll(inputs["token_ids"], -1, axis=1)
+    rows = []
+    for mode in MODES:
+        correlations = []
+        for seed in range(args.seeds):
+            model = build(name, seed, mode, overrides)
+            reference = build(name, seed, "float32", overrides) if MODES[mode] else model
+            logits = ops.convert_to_numpy(model(inputs))
+            expected = ops.convert_to_numpy(reference(inputs))
+            correlations.append(
+                np.corrcoef(logits[real].ravel(), expected[real].ravel())[0, 1]
+            )
+        model = build(name, 0, mode, overrides)
+        experts = [w for w in model.weights if "/experts/" in w.path]
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-3),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        infer = median_seconds(lambda: model.predict_on_batch(inputs), args.repeats)
+        train = median_seconds(
+            lambda: model.train_on_batch(inputs, labels), args.repeats
+        )
+        rows.append(
+            (mode, nbytes(experts), nbytes(feed_forward_weights(model)),
+             min(correlations), max(correlations), infer, train)
+        )
+    float_row = rows[0]
+    print(f"\n{name} ({keras.backend.backend()}, {overrides or 'all layers'}, "
+          f"batch {args.batch} x {args.length} tokens, {args.seeds} seeds)\n")
+    print("| mode | routed experts MiB | all FFN MiB | experts smaller | "
+          "logits corr. (min-max) | inference ms | train step ms |")
+    print("|---|---|---|---|---|---|---|")
+    for mode, experts, ffn, low, high, infer, train in rows:
+        print(
+            f"| {mode} | {experts / 2**20:.2f} | {ffn / 2**20:.2f} | "
+            f"{float_row[1] / experts:.2f}x | {low:.4f}-{high:.4f} | "
+            f"{infer * 1e3:.1f} | {train * 1e3:.1f} |"
+        )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--presets", default="mixtral_small,deepseek_small")
+    parser.add_argument("--num-layers", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.num_layers, args.batch, args.length = 1, 2, 16
+        args.seeds, args.repeats = 1, 1
+    for name in args.presets.split(","):
+        run(name, args)
+
+
+if __name__ == "__main__":
+    main()

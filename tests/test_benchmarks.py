@@ -82,3 +82,27 @@ def test_model_benchmark_smoke_run_reports_speedups():
     assert "speed-up cf1.25" in result.stdout
     rows = [line.split() for line in result.stdout.splitlines()]
     assert any(row[:2] == [backend, "4"] for row in rows), result.stdout[-2000:]
+
+
+@runs_on("torch")
+def test_quantization_benchmark_smoke_run_reports_every_mode():
+    script = SCRIPT.parent / "quantization_benchmark.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "KERAS_BACKEND": keras.backend.backend()},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for preset in ("mixtral_small", "deepseek_small"):
+        assert f"\n{preset} (" in result.stdout, preset
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    modes = [row.split("|")[1].strip() for row in rows]
+    for mode in ("float32", "int8", "float8"):
+        assert any(m.startswith(mode) for m in modes), (mode, modes)
+    # Every quantized row reports int8 experts at least 3.5x smaller.
+    for row in rows:
+        cells = [cell.strip() for cell in row.split("|")[1:-1]]
+        if cells[0].startswith("int8"):
+            assert float(cells[3].rstrip("x")) >= 3.5, row

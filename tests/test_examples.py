@@ -65,6 +65,18 @@ def load_example(script):
     return module
 
 
+def assert_usage_error(script, args, named, capsys):
+    """`script`'s parser exits with status 2 and names the bad option.
+
+    In-process: argument parsing needs no subprocess and no training.
+    """
+    example = load_example(script)
+    with pytest.raises(SystemExit) as exit_info:
+        example.parse_args(args)
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args, named",
     [
@@ -75,12 +87,7 @@ def load_example(script):
     ],
 )
 def test_train_sparse_moe_rejects_bad_arguments(args, named, capsys):
-    # In-process: argument parsing needs no subprocess and no training.
-    example = load_example("train_sparse_moe.py")
-    with pytest.raises(SystemExit) as exit_info:
-        example.parse_args(args)
-    assert exit_info.value.code == 2
-    assert named in capsys.readouterr().err
+    assert_usage_error("train_sparse_moe.py", args, named, capsys)
 
 
 def test_train_sparse_moe_defaults():
@@ -159,11 +166,7 @@ def test_compare_dense_vs_moe_dense_model_matches_its_formula():
     ],
 )
 def test_compare_dense_vs_moe_rejects_bad_arguments(args, named, capsys):
-    example = load_example("compare_dense_vs_moe.py")
-    with pytest.raises(SystemExit) as exit_info:
-        example.parse_args(args)
-    assert exit_info.value.code == 2
-    assert named in capsys.readouterr().err
+    assert_usage_error("compare_dense_vs_moe.py", args, named, capsys)
 
 
 # --- soft_moe_vision.py -------------------------------------------------------
@@ -204,11 +207,7 @@ def test_soft_moe_vision_model_uses_soft_moe_in_the_last_blocks():
     ],
 )
 def test_soft_moe_vision_rejects_bad_arguments(args, named, capsys):
-    example = load_example("soft_moe_vision.py")
-    with pytest.raises(SystemExit) as exit_info:
-        example.parse_args(args)
-    assert exit_info.value.code == 2
-    assert named in capsys.readouterr().err
+    assert_usage_error("soft_moe_vision.py", args, named, capsys)
 
 
 @pytest.mark.parametrize(

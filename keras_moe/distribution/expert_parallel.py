@@ -135,21 +135,19 @@ def _expert_axis(distribution, experts):
     return axis if axis in _mesh_sizes(distribution.device_mesh) else None
 
 
-def routing_groups(experts, input_shape=None, num_groups=None):
+def routing_groups(experts, input_shape):
     """The routing groups of a MoE call, or None for a single group.
 
     Groups follow the data shards: the distribution's batch axis, then the
     expert axis when it is a different axis (its devices then share the
     routing of their batch shard instead of repeating it). An axis is left
-    out, last first, when the tokens do not split evenly. Given
-    `num_groups` instead (the leading axis of a tensor already grouped), the
-    same layout is found again.
+    out, last first, when the tokens do not split evenly. A MoE layer asks
+    once per call and keeps the answer for its dispatch and its experts.
 
     Args:
         experts: the layer's `Experts` bank (built).
         input_shape: the shape `[..., d]` of the layer's inputs (tokens are
             all but the last axis; one group unless they are known).
-        num_groups: int, the `G` of tensors already grouped.
 
     Returns:
         A `RoutingGroups`, or None for a single group.
@@ -179,9 +177,7 @@ def routing_groups(experts, input_shape=None, num_groups=None):
     if distribution is None:
         return None
     num_tokens = None
-    if input_shape is not None and all(
-        isinstance(size, int) for size in input_shape[:-1]
-    ):
+    if all(isinstance(size, int) for size in input_shape[:-1]):
         num_tokens = math.prod(input_shape[:-1])
     device_mesh = distribution.device_mesh
     sizes = _mesh_sizes(device_mesh)
@@ -195,8 +191,6 @@ def routing_groups(experts, input_shape=None, num_groups=None):
 
     def splits(axes):
         total = math.prod(sizes[axis] for axis in axes)
-        if num_groups is not None:
-            return total == num_groups
         return num_tokens is not None and num_tokens % total == 0
 
     while axes and not splits(axes):

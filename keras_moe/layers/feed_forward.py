@@ -1,10 +1,9 @@
+"""`FeedForward`: a dense (every-token) feed-forward block."""
+
 import keras
 from keras import ops
 
-from keras_moe.layers.experts import FeedForwardWeights
-from keras_moe.layers.experts import get_activation
-from keras_moe.utils.argument_validation import check_bool
-from keras_moe.utils.argument_validation import check_int
+from keras_moe.layers.feed_forward_weights import FeedForwardWeights
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -53,42 +52,10 @@ class FeedForward(FeedForwardWeights):
     ('int8', (64,))
     """
 
-    def __init__(
-        self,
-        intermediate_dim,
-        activation="silu",
-        gated=True,
-        use_bias=False,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        lora_rank=None,
-        lora_alpha=None,
-        quantization_config=None,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self._init_lora(lora_rank, lora_alpha)
-        self.quantization_config = quantization_config
-        self.intermediate_dim = check_int(
-            "intermediate_dim", intermediate_dim, min_value=1
-        )
-        self.activation = activation
-        self._activation_fn = get_activation(activation)
-        self.gated = check_bool("gated", gated)
-        self.use_bias = check_bool("use_bias", use_bias)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Each token is projected on its own: a padding mask passes through.
         self.supports_masking = True
-
-    def build(self, input_shape):
-        if input_shape[-1] is None:
-            raise ValueError(
-                "The last dimension of the `FeedForward` input must be known. "
-                f"Received: input_shape={tuple(input_shape)}"
-            )
-        self.hidden_dim = int(input_shape[-1])
-        self._build_projections(self.kernel_initializer)
-        self._post_build_lora()
 
     def _kernel_shapes(self):
         shapes = {}
@@ -110,29 +77,3 @@ class FeedForward(FeedForwardWeights):
 
     def _contract(self, inputs, kernel):
         return ops.matmul(inputs, kernel)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "intermediate_dim": self.intermediate_dim,
-                "activation": (
-                    self.activation
-                    if isinstance(self.activation, str)
-                    else keras.activations.serialize(self.activation)
-                ),
-                "gated": self.gated,
-                "use_bias": self.use_bias,
-                "kernel_initializer": keras.initializers.serialize(
-                    self.kernel_initializer
-                ),
-                "bias_initializer": keras.initializers.serialize(
-                    self.bias_initializer
-                ),
-                **self._lora_and_quantization_config(),
-            }
-        )
-        return config

@@ -1,8 +1,7 @@
 import keras
 
-from keras_moe.layers.hierarchical_router import HierarchicalRouter
+from keras_moe.layers.routers.hierarchical_router import HierarchicalRouter
 from keras_moe.layers.sparse_moe import SparseMoE
-from keras_moe.layers.sparse_moe import router_dtype_for
 from keras_moe.utils.argument_validation import check_int
 
 # `SparseMoE` options that configure a flat router and so do not apply to a
@@ -86,27 +85,37 @@ class HierarchicalMoE(SparseMoE):
                 "configure a flat router and do not apply. Received: "
                 + ", ".join(f"{name}={kwargs[name]!r}" for name in not_applicable)
             )
-        self.num_groups = check_int("num_groups", num_groups, min_value=1)
-        self.experts_per_group = check_int(
+        num_groups = check_int("num_groups", num_groups, min_value=1)
+        experts_per_group = check_int(
             "experts_per_group", experts_per_group, min_value=1
         )
-        self._tree_options = {
-            "top_groups": top_groups,
-            "normalize_top_k": normalize_top_k,
-        }
+        # The tree's arguments travel as `SparseMoE` router arguments: its
+        # groups are the groups of consecutive experts (`expert_groups`).
         super().__init__(
-            num_groups * experts_per_group, intermediate_dim, top_k, **kwargs
+            num_groups * experts_per_group,
+            intermediate_dim,
+            top_k,
+            expert_groups=num_groups,
+            top_groups=top_groups,
+            normalize_top_k=normalize_top_k,
+            **kwargs,
         )
+        self.num_groups = self.router.num_groups
+        self.experts_per_group = self.router.experts_per_group
 
-    def _make_router(self, top_k, router_initializer, **flat_router_options):
+    def _make_router(self, router_initializer, router_arguments):
+        # `__init__` refused the flat-router options: the others hold their
+        # defaults, which a gating tree has no use for.
+        num_groups = router_arguments["expert_groups"]
         return HierarchicalRouter(
-            num_groups=self.num_groups,
-            experts_per_group=self.experts_per_group,
-            top_k=top_k,
+            num_groups=num_groups,
+            experts_per_group=self.num_experts // num_groups,
+            top_groups=router_arguments["top_groups"],
+            top_k=router_arguments["top_k"],
+            normalize_top_k=router_arguments["normalize_top_k"],
             kernel_initializer=router_initializer,
-            dtype=router_dtype_for(self.dtype_policy),
+            dtype=self.router_dtype,
             name="router",
-            **self._tree_options,
         )
 
     def get_config(self):

@@ -103,19 +103,15 @@ class SharedExpertMoE(SparseMoE):
 
     def call(self, inputs, mask=None, training=None):
         routed = super().call(inputs, mask=mask, training=training)
-        token_mask = None
-        if mask is not None:
-            # Padding may hold anything (even NaN): zero it before the
-            # shared experts so it reaches neither outputs nor gradients.
-            token_mask = ops.expand_dims(ops.cast(mask, "bool"), -1)
-            inputs = ops.where(token_mask, inputs, ops.zeros((), inputs.dtype))
-        shared = self.shared_experts(inputs)
+        token_mask = self._token_mask(inputs, mask)
+        # Padding may hold anything (even NaN): zeroed before the shared
+        # experts, it reaches neither outputs nor gradients.
+        tokens = self._zero_padding(inputs, token_mask)
+        shared = self.shared_experts(tokens)
         if self.shared_expert_gate:
-            gate = ops.sigmoid(ops.matmul(inputs, self.shared_gate_kernel))
+            gate = ops.sigmoid(ops.matmul(tokens, self.shared_gate_kernel))
             shared = shared * gate
-        if token_mask is not None:
-            shared = ops.where(token_mask, shared, ops.zeros((), shared.dtype))
-        return routed + shared
+        return routed + self._zero_padding(shared, token_mask)
 
     def get_config(self):
         config = super().get_config()

@@ -3,13 +3,9 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
-from keras_moe.config import check_finite
-from keras_moe.layers.experts import Experts
-from keras_moe.layers.sparse_moe import router_dtype_for
+from keras_moe.layers.moe_layer import MoELayer
 from keras_moe.ops.router_stats import SOFT
-from keras_moe.ops.router_stats import RouterStatsMetric
 from keras_moe.ops.router_stats import soft_routing_stats
-from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_int
 
 # Added under the square root of the L2 normalisation, so that an all-zero
@@ -49,7 +45,7 @@ def _l2_normalize(x, axis):
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class SoftMoE(keras.layers.Layer):
+class SoftMoE(MoELayer):
     """Soft Mixture-of-Experts layer (Puigcerver et al. 2023).
 
     Instead of routing each token to a few experts, every expert processes a
@@ -128,6 +124,9 @@ class SoftMoE(keras.layers.Layer):
     (2, 10, 16)
     """
 
+    stats_kind = SOFT
+    input_rank = 3
+
     def __init__(
         self,
         num_experts,
@@ -143,50 +142,31 @@ class SoftMoE(keras.layers.Layer):
         track_router_stats=True,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.track_router_stats = check_bool(
-            "track_router_stats", track_router_stats
-        )
-        self.router_stats = (
-            RouterStatsMetric(SOFT) if self.track_router_stats else None
-        )
-        self.num_experts = check_int("num_experts", num_experts, min_value=1)
-        self.intermediate_dim = check_int(
-            "intermediate_dim", intermediate_dim, min_value=1
+        super().__init__(
+            num_experts,
+            intermediate_dim,
+            track_router_stats=track_router_stats,
+            **kwargs,
         )
         self.slots_per_expert = check_int(
             "slots_per_expert", slots_per_expert, min_value=1
         )
         self.num_slots = self.num_experts * self.slots_per_expert
         self.slot_initializer = keras.initializers.get(slot_initializer)
-        self.router_dtype = router_dtype_for(self.dtype_policy)
-        self.supports_masking = True
-
-        self.experts = Experts(
-            num_experts=self.num_experts,
-            intermediate_dim=self.intermediate_dim,
+        self.experts = self._make_experts(
             activation=activation,
             gated=gated,
             use_bias=use_bias,
             kernel_initializer=kernel_initializer,
             bias_initializer=bias_initializer,
-            dtype=self.dtype_policy,
-            name="experts",
         )
 
-    def build(self, input_shape):
-        if len(input_shape) != 3 or input_shape[-1] is None:
-            raise ValueError(
-                f"`{type(self).__name__}` expects inputs of shape [batch, "
-                "tokens, hidden_dim] (rank 3) with a known last dimension. "
-                f"Received: input_shape={tuple(input_shape)}"
-            )
-        self.hidden_dim = int(input_shape[-1])
+    def _build_router(self, hidden_dim):
         # Router weights stay in the router dtype and are never autocast to
         # the compute dtype.
         self.slot_kernel = self.add_weight(
             name="slot_kernel",
-            shape=(self.hidden_dim, self.num_slots),
+            shape=(hidden_dim, self.num_slots),
             initializer=self.slot_initializer,
             dtype=self.router_dtype,
             autocast=False,
@@ -198,51 +178,12 @@ class SoftMoE(keras.layers.Layer):
             dtype=self.router_dtype,
             autocast=False,
         )
-        self.experts.build(
-            (None, self.num_experts, self.slots_per_expert, self.hidden_dim)
-        )
-        if self.router_stats is not None:
-            self.router_stats.build_state(
-                self, self.num_experts, {"scale": self.scale}
-            )
 
-    @property
-    def variables(self):
-        # Router statistics accumulators: state threaded through compiled
-        # steps, but not weights (neither saved nor counted).
-        variables = super().variables
-        if self.router_stats is not None:
-            variables.extend(self.router_stats.state_variables)
-        return variables
+    def _expert_input_shape(self):
+        return (None, self.num_experts, self.slots_per_expert, self.hidden_dim)
 
-    def _check_input_shape(self, shape):
-        if len(shape) != 3 or shape[-1] != self.hidden_dim:
-            raise ValueError(
-                f"`{type(self).__name__}` was built for inputs of shape [batch, "
-                f"tokens, {self.hidden_dim}]; the rank must be 3 and the last "
-                "dimension cannot change after build. Received: "
-                f"inputs.shape={tuple(shape)}"
-            )
-
-    def _token_mask(self, inputs, mask):
-        if mask is None:
-            return None
-        if len(mask.shape) != 2:
-            raise ValueError(
-                f"`{type(self).__name__}` expects `mask` of shape [batch, "
-                f"tokens] for inputs of shape {tuple(inputs.shape)}. "
-                f"Received: mask.shape={tuple(mask.shape)}"
-            )
-        return ops.cast(mask, "bool")
-
-    def _zero_padding(self, inputs, token_mask):
-        # Padding may hold anything (even NaN); zeroing it keeps it out of
-        # every sum over tokens and out of the gradients.
-        if token_mask is None:
-            return inputs
-        return ops.where(
-            ops.expand_dims(token_mask, -1), inputs, ops.zeros((), inputs.dtype)
-        )
+    def _stats_readouts(self):
+        return {"scale": self.scale}
 
     def _routing(self, tokens, token_mask):
         """`SoftRouting` for tokens whose padding is already zeroed."""
@@ -287,29 +228,23 @@ class SoftMoE(keras.layers.Layer):
         inputs = ops.convert_to_tensor(inputs)
         if not self.built:
             self.build(inputs.shape)
-        self._check_input_shape(inputs.shape)
-        token_mask = self._token_mask(inputs, mask)
-        return self._routing(self._zero_padding(inputs, token_mask), token_mask)
+        tokens, token_mask = self._prepare_inputs(inputs, mask)
+        return self._routing(tokens, token_mask)
 
     def call(self, inputs, mask=None, training=None):
         # `training` changes nothing (no capacity, noise or loss); it is
         # accepted so that every MoE layer is called the same way.
-        self._check_input_shape(inputs.shape)
-        token_mask = self._token_mask(inputs, mask)
-        check_finite(inputs, token_mask, layer=self)
-        tokens = self._zero_padding(inputs, token_mask)
+        tokens, token_mask = self._prepare_inputs(inputs, mask)
         routing = self._routing(tokens, token_mask)
-        if self.router_stats is not None:
-            self.router_stats.observe(
-                self,
-                training,
-                lambda: soft_routing_stats(
-                    routing.dispatch_weights,
-                    routing.combine_weights,
-                    self.num_experts,
-                    token_mask,
-                ),
-            )
+        self._observe(
+            training,
+            lambda: soft_routing_stats(
+                routing.dispatch_weights,
+                routing.combine_weights,
+                self.num_experts,
+                token_mask,
+            ),
+        )
 
         dispatch_weights = ops.cast(routing.dispatch_weights, tokens.dtype)
         slot_inputs = ops.einsum("btn,btd->bnd", dispatch_weights, tokens)
@@ -324,30 +259,14 @@ class SoftMoE(keras.layers.Layer):
         combine_weights = ops.cast(routing.combine_weights, slot_outputs.dtype)
         return ops.einsum("btn,bnd->btd", combine_weights, slot_outputs)
 
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
-
     def get_config(self):
         config = super().get_config()
-        # The expert arguments are stored once, in the expert bank.
-        expert_config = self.experts.get_config()
         config.update(
             {
-                "num_experts": self.num_experts,
-                "intermediate_dim": self.intermediate_dim,
                 "slots_per_expert": self.slots_per_expert,
                 "slot_initializer": keras.initializers.serialize(
                     self.slot_initializer
                 ),
-                "track_router_stats": self.track_router_stats,
             }
         )
-        for key in (
-            "activation",
-            "gated",
-            "use_bias",
-            "kernel_initializer",
-            "bias_initializer",
-        ):
-            config[key] = expert_config[key]
         return config

@@ -1,62 +1,22 @@
 import keras
 from keras import ops
 
-from keras_moe.config import check_finite
-from keras_moe.distribution import expert_parallel
-from keras_moe.layers.experts import Experts
-from keras_moe.layers.top_k_router import TopKRouter
-from keras_moe.ops.dispatch import combine
-from keras_moe.ops.dispatch import combine_slots
-from keras_moe.ops.dispatch import compute_dispatch_plan
-from keras_moe.ops.dispatch import compute_expert_choice_plan
+from keras_moe.layers.moe_layer import MoELayer
+from keras_moe.layers.routers.expert_choice_router import ExpertChoiceRouter
+from keras_moe.layers.routers.top_k_router import TopKRouter
 from keras_moe.ops.dispatch import dispatch
 from keras_moe.ops.dispatch import expert_capacity
-from keras_moe.ops.router_losses import load_balancing_loss
-from keras_moe.ops.router_losses import router_z_loss
-from keras_moe.ops.router_losses import sequence_load_balancing_loss
-from keras_moe.ops.router_stats import ROUTED
-from keras_moe.ops.router_stats import RouterStatsMetric
-from keras_moe.ops.router_stats import expert_choice_stats
-from keras_moe.ops.router_stats import token_choice_stats
 from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_choice
 from keras_moe.utils.argument_validation import check_float
-from keras_moe.utils.argument_validation import check_int
 
-
-def router_dtype_for(dtype_policy):
-    """Routers compute in float32, or float64 when the layer is float64."""
-    if dtype_policy.compute_dtype == "float64":
-        return "float64"
-    return "float32"
-
-
-ROUTINGS = ("token_choice", "expert_choice")
-
-# Constructor arguments that `SparseMoE` hands to its `TopKRouter` and reads
-# back from it in `get_config`.
-_ROUTER_ARGUMENTS = (
-    "score_function",
-    "normalize_top_k",
-    "routed_scaling_factor",
-    "expert_groups",
-    "top_groups",
-    "bias_update_rate",
-    "jitter",
-    "noisy_gating",
-    "seed",
-)
-_EXPERT_ARGUMENTS = (
-    "activation",
-    "gated",
-    "use_bias",
-    "kernel_initializer",
-    "bias_initializer",
-)
+# The router class of each `routing`.
+ROUTERS = {"token_choice": TopKRouter, "expert_choice": ExpertChoiceRouter}
+ROUTINGS = tuple(ROUTERS)
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class SparseMoE(keras.layers.Layer):
+class SparseMoE(MoELayer):
     """Sparsely-gated Mixture-of-Experts feed-forward layer.
 
     A router scores every expert for every token, tokens are sorted into
@@ -64,7 +24,10 @@ class SparseMoE(keras.layers.Layer):
     einsum over those buffers, and results are gathered back and mixed with
     the router's weights. The compute is `capacity_factor` times that of a
     dense feed-forward layer of `top_k * intermediate_dim` units, whatever
-    `num_experts` is.
+    `num_experts` is. The layer is the shared MoE base (expert bank, shape
+    checks, padding, routing groups, statistics) plus a router (see
+    `keras_moe.layers.Router`) that `routing` picks; both routings take the
+    same path through the layer.
 
     **Token choice** (`routing="token_choice"`, the default; Shazeer et al.
     2017, GShard, Switch, Mixtral, DeepSeek): each token is sent to the
@@ -77,8 +40,8 @@ class SparseMoE(keras.layers.Layer):
     routing, aux-loss-free bias balancing, jitter, noisy gating) are those of
     `TopKRouter`.
 
-    **Expert choice** (`routing="expert_choice"`; Zhou et al. 2022): each
-    expert takes the `C = ceil(capacity_factor * tokens / num_experts)`
+    **Expert choice** (`routing="expert_choice"`, an `ExpertChoiceRouter`;
+    Zhou et al. 2022): each expert takes the `C = ceil(capacity_factor * tokens / num_experts)`
     tokens that score it highest, so loads are balanced by construction and
     a token may get several experts or none; `top_k` and the balancing
     options do not apply. An expert's choice looks at every token of the
@@ -210,16 +173,11 @@ class SparseMoE(keras.layers.Layer):
         track_router_stats=True,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.num_experts = check_int("num_experts", num_experts, min_value=1)
-        self.track_router_stats = check_bool(
-            "track_router_stats", track_router_stats
-        )
-        self.router_stats = (
-            RouterStatsMetric(ROUTED) if self.track_router_stats else None
-        )
-        self.intermediate_dim = check_int(
-            "intermediate_dim", intermediate_dim, min_value=1
+        super().__init__(
+            num_experts,
+            intermediate_dim,
+            track_router_stats=track_router_stats,
+            **kwargs,
         )
         self.routing = check_choice("routing", routing, ROUTINGS)
         self.capacity_factor = check_float(
@@ -237,257 +195,124 @@ class SparseMoE(keras.layers.Layer):
             "sequence_aux_loss_weight", sequence_aux_loss_weight
         )
         self.causal = check_bool("causal", causal)
-        self._updates_expert_bias = (
-            check_float("bias_update_rate", bias_update_rate) > 0
-        )
-        if self.routing == "expert_choice":
-            self._check_expert_choice_arguments(
-                expert_groups=expert_groups, bias_update_rate=bias_update_rate
-            )
-        self.supports_masking = True
-
-        self.router = self._make_router(
-            top_k=top_k,
-            router_initializer=router_initializer,
-            score_function=score_function,
-            normalize_top_k=normalize_top_k,
-            routed_scaling_factor=routed_scaling_factor,
-            expert_groups=expert_groups,
-            top_groups=top_groups,
-            bias_update_rate=bias_update_rate,
-            jitter=jitter,
-            noisy_gating=noisy_gating,
-            seed=seed,
-        )
-        self.top_k = self.router.top_k
-        self.experts = Experts(
-            num_experts=self.num_experts,
-            intermediate_dim=self.intermediate_dim,
+        router_arguments = {
+            "top_k": top_k,
+            "score_function": score_function,
+            "normalize_top_k": normalize_top_k,
+            "routed_scaling_factor": routed_scaling_factor,
+            "expert_groups": expert_groups,
+            "top_groups": top_groups,
+            "bias_update_rate": bias_update_rate,
+            "jitter": jitter,
+            "noisy_gating": noisy_gating,
+            "seed": seed,
+        }
+        self.router = self._make_router(router_initializer, router_arguments)
+        # The router arguments the router does not take (none, unless its
+        # routing ignores some): kept for `get_config`.
+        self._unused_router_arguments = {
+            name: value
+            for name, value in router_arguments.items()
+            if name not in type(self.router).moe_arguments
+        }
+        self.top_k = getattr(self.router, "top_k", top_k)
+        self.experts = self._make_experts(
             activation=activation,
             gated=gated,
             use_bias=use_bias,
             kernel_initializer=kernel_initializer,
             bias_initializer=bias_initializer,
-            dtype=self.dtype_policy,
-            name="experts",
         )
 
-    def _check_expert_choice_arguments(self, expert_groups, bias_update_rate):
-        if self.causal:
-            raise ValueError(
-                "`routing='expert_choice'` cannot be used in a causal decoder: "
-                "each expert picks its tokens among the whole sequence, future "
-                "tokens included. Use `routing='token_choice'`. Received: "
-                "causal=True"
-            )
-        for name in ("capacity_factor", "eval_capacity_factor"):
-            if getattr(self, name) is None:
-                raise ValueError(
-                    f"`routing='expert_choice'` needs `{name}` to be a "
-                    "positive number: it sets how many tokens each expert "
-                    f"takes. Received: {name}=None"
-                )
-        if expert_groups != 1 or bias_update_rate:
-            raise ValueError(
-                "`routing='expert_choice'` is balanced by construction and "
-                "does not use `expert_groups` or `bias_update_rate`. "
-                f"Received: expert_groups={expert_groups!r}, "
-                f"bias_update_rate={bias_update_rate!r}"
-            )
-
-    def _make_router(self, top_k, router_initializer, **router_options):
-        return TopKRouter(
-            num_experts=self.num_experts,
-            top_k=top_k,
+    def _make_router(self, router_initializer, router_arguments):
+        """The router of `self.routing`, from the layer's router arguments."""
+        router_class = ROUTERS[self.routing]
+        router_class.check_moe_arguments(
+            {
+                **router_arguments,
+                "causal": self.causal,
+                "capacity_factor": self.capacity_factor,
+                "eval_capacity_factor": self.eval_capacity_factor,
+            }
+        )
+        return router_class(
+            self.num_experts,
             kernel_initializer=router_initializer,
-            dtype=router_dtype_for(self.dtype_policy),
+            dtype=self.router_dtype,
             name="router",
-            **router_options,
+            **{name: router_arguments[name] for name in router_class.moe_arguments},
         )
 
-    def build(self, input_shape):
-        if len(input_shape) < 2 or input_shape[-1] is None:
-            raise ValueError(
-                f"`{type(self).__name__}` expects inputs of shape [..., "
-                "hidden_dim] with rank >= 2 and a known last dimension. "
-                f"Received: input_shape={tuple(input_shape)}"
-            )
-        self.hidden_dim = int(input_shape[-1])
-        expert_parallel.check_expert_layout(
-            f"{self.path}/{self.experts.name}", self.num_experts
-        )
-        self.router.build((None, self.hidden_dim))
-        self.experts.build((self.num_experts, None, self.hidden_dim))
-        if self.router_stats is not None:
-            readouts = {}
-            if getattr(self.router, "expert_bias", None) is not None:
-                readouts["expert_bias"] = self.router.expert_bias
-            self.router_stats.build_state(self, self.num_experts, readouts)
+    def _build_router(self, hidden_dim):
+        self.router.build((None, hidden_dim))
 
-    @property
-    def variables(self):
-        # The router statistics accumulators are state, not weights: listed
-        # here (so `jax.jit` steps thread them like any non-trainable state)
-        # but not in `weights`, so they are neither saved nor counted.
-        variables = super().variables
-        if self.router_stats is not None:
-            variables.extend(self.router_stats.state_variables)
-        return variables
+    def _stats_readouts(self):
+        bias = self.router.balancing_bias
+        return {} if bias is None else {"expert_bias": bias}
 
-    def _check_input_shape(self, shape):
-        if len(shape) < 2 or shape[-1] != self.hidden_dim:
-            raise ValueError(
-                f"`{type(self).__name__}` was built for inputs of shape [..., "
-                f"{self.hidden_dim}]; the last dimension cannot change after "
-                f"build. Received: inputs.shape={tuple(shape)}"
-            )
-
-    def _capacity_factor(self, training):
+    def _capacity(self, num_tokens, training):
+        """Slots per expert for groups of `num_tokens`, or None (dropless)."""
         if self.capacity_factor is None:
             return None
-        return self.capacity_factor if training else self.eval_capacity_factor
+        capacity_factor = (
+            self.capacity_factor if training else self.eval_capacity_factor
+        )
+        if capacity_factor is None:
+            return None
+        return expert_capacity(
+            num_tokens,
+            self.num_experts,
+            self.router.choices_per_token,
+            capacity_factor,
+        )
 
     def call(self, inputs, mask=None, training=None):
-        self._check_input_shape(inputs.shape)
-        check_finite(inputs, mask, layer=self)
-        # Routing groups: one holding every token of the batch or, under a
-        # `keras.distribution`, one per data shard (capacity is then per
-        # group; see `keras_moe.distribution.expert_parallel`).
-        groups = expert_parallel.routing_groups(self.experts, inputs.shape)
-        num_groups = 1 if groups is None else groups.num_groups
-        tokens = ops.reshape(inputs, (num_groups, -1, self.hidden_dim))
-        tokens = expert_parallel.constrain_groups(tokens, groups)
+        tokens, token_mask = self._prepare_inputs(inputs, mask)
+        tokens, token_mask, groups = self._group_tokens(tokens, token_mask)
         num_tokens = tokens.shape[1]
         if num_tokens is None:
             num_tokens = ops.shape(tokens)[1]
-        token_mask = None
-        if mask is not None:
-            token_mask = ops.reshape(ops.cast(mask, "bool"), (num_groups, -1))
-            # Padding may hold anything (even NaN); zeroing it keeps it out
-            # of the router's math and its gradients.
-            tokens = ops.where(
-                ops.expand_dims(token_mask, -1), tokens, ops.zeros((), tokens.dtype)
-            )
-        if self.routing == "expert_choice":
-            outputs = self._expert_choice(tokens, num_tokens, token_mask, training)
-        else:
-            outputs = self._token_choice(
-                tokens, num_tokens, token_mask, training, ops.shape(inputs)
-            )
+        decision = self.router.route(
+            tokens,
+            token_mask=token_mask,
+            capacity=self._capacity(num_tokens, training),
+            training=training,
+        )
+        expert_outputs = self._run_experts(dispatch(tokens, decision.plan), groups)
+        outputs = self.router.combine(expert_outputs, decision)
+        self._observe(
+            training, lambda: self.router.statistics(decision, token_mask)
+        )
+        if training:
+            self._add_router_losses(decision, token_mask, ops.shape(inputs))
+            if self.router.balancing_bias is not None:
+                self.router.update_bias(decision.plan.expert_counts)
         return ops.reshape(outputs, ops.shape(inputs))
 
-    def _token_choice(self, tokens, num_tokens, token_mask, training, input_shape):
-        routing = self.router(tokens, training=training)
-        capacity_factor = self._capacity_factor(training)
-        capacity = None  # Dropless: sized by the dispatch plan.
-        if capacity_factor is not None:
-            capacity = expert_capacity(
-                num_tokens,
-                self.num_experts,
-                self.router.choices_per_token,
-                capacity_factor,
-            )
-        plan = compute_dispatch_plan(
-            routing.expert_ids, self.num_experts, capacity, token_mask
-        )
-        expert_outputs = self._run_experts(dispatch(tokens, plan))
-        outputs = combine(expert_outputs, plan, routing.expert_weights)
-        if self.router_stats is not None:
-            self.router_stats.observe(
-                self,
-                training,
-                lambda: token_choice_stats(
-                    routing.router_probs,
-                    routing.router_logits,
-                    plan.expert_counts,
-                    plan.num_kept,
-                    token_mask,
-                ),
-            )
-        if training:
-            self._add_router_losses(routing, plan, token_mask, input_shape)
-            if self._updates_expert_bias:
-                self.router.update_bias(plan.expert_counts)
-        return outputs
-
-    def _expert_choice(self, tokens, num_tokens, token_mask, training):
-        router_scores = self.router.score(tokens, training=training)
-        capacity = expert_capacity(
-            num_tokens, self.num_experts, 1, self._capacity_factor(training)
-        )
-        plan, slot_weights = compute_expert_choice_plan(
-            router_scores.scores, capacity, token_mask
-        )
-        expert_outputs = self._run_experts(dispatch(tokens, plan))
-        if self.router_stats is not None:
-            self.router_stats.observe(
-                self,
-                training,
-                lambda: expert_choice_stats(
-                    router_scores.router_probs,
-                    router_scores.router_logits,
-                    plan.slot_tokens,
-                    plan.slot_filled,
-                    token_mask,
-                ),
-            )
-        if training and self.z_loss_weight > 0:
-            self.add_loss(
-                self.z_loss_weight
-                * router_z_loss(router_scores.router_logits, token_mask)
-            )
-        return combine_slots(expert_outputs, plan, slot_weights, num_tokens)
-
-    def _run_experts(self, buffers):
-        groups = expert_parallel.routing_groups(
-            self.experts, num_groups=buffers.shape[0]
-        )
-        if groups is not None:
-            return expert_parallel.run_experts(self.experts, buffers, groups)
-        return ops.expand_dims(self.experts(buffers[0]), 0)
-
-    def _add_router_losses(self, routing, plan, token_mask, input_shape):
+    def _add_router_losses(self, decision, token_mask, input_shape):
+        """Add the weighted losses that apply to the router's routing."""
         if self.aux_loss_weight > 0:
-            self.add_loss(
-                self.aux_loss_weight
-                * load_balancing_loss(
-                    routing.router_probs, plan.expert_counts, token_mask
-                )
-            )
+            loss = self.router.load_balancing_loss(decision, token_mask)
+            if loss is not None:
+                self.add_loss(self.aux_loss_weight * loss)
         if self.z_loss_weight > 0:
             self.add_loss(
-                self.z_loss_weight
-                * router_z_loss(routing.router_logits, token_mask)
+                self.z_loss_weight * self.router.z_loss(decision, token_mask)
             )
         if self.sequence_aux_loss_weight > 0:
             # Sequences run along the second-to-last input axis; a rank-2
             # input is one sequence.
             sequence_length = input_shape[-2] if len(input_shape) > 2 else -1
-
-            def by_sequence(values):
-                trailing = tuple(values.shape[2:])
-                return ops.reshape(values, (-1, sequence_length) + trailing)
-
-            self.add_loss(
-                self.sequence_aux_loss_weight
-                * sequence_load_balancing_loss(
-                    by_sequence(routing.router_probs),
-                    by_sequence(routing.expert_ids),
-                    None if token_mask is None else by_sequence(token_mask),
-                )
+            loss = self.router.sequence_load_balancing_loss(
+                decision, sequence_length, token_mask
             )
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
+            if loss is not None:
+                self.add_loss(self.sequence_aux_loss_weight * loss)
 
     def get_config(self):
         config = super().get_config()
-        # The expert and router arguments are stored once, in the sublayers.
-        expert_config = self.experts.get_config()
         config.update(
             {
-                "num_experts": self.num_experts,
-                "intermediate_dim": self.intermediate_dim,
                 "top_k": self.top_k,
                 "routing": self.routing,
                 "capacity_factor": self.capacity_factor,
@@ -496,16 +321,20 @@ class SparseMoE(keras.layers.Layer):
                 "z_loss_weight": self.z_loss_weight,
                 "sequence_aux_loss_weight": self.sequence_aux_loss_weight,
                 "causal": self.causal,
-                "track_router_stats": self.track_router_stats,
             }
         )
         config.update(self._router_config())
-        config.update({key: expert_config[key] for key in _EXPERT_ARGUMENTS})
         return config
 
     def _router_config(self):
-        """The constructor arguments that configure the router."""
+        """The constructor arguments that configure the router.
+
+        Read back from the router, where they are stored once.
+        """
         router_config = self.router.get_config()
-        config = {key: router_config[key] for key in _ROUTER_ARGUMENTS}
+        config = {
+            name: router_config[name] for name in type(self.router).moe_arguments
+        }
+        config.update(self._unused_router_arguments)
         config["router_initializer"] = router_config["kernel_initializer"]
         return config

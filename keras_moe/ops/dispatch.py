@@ -22,12 +22,12 @@ from typing import NamedTuple
 
 from keras import ops
 
-from keras_moe.utils.backend_utils import data_dependent_shapes_allowed
-from keras_moe.utils.backend_utils import stable_top_k
+from keras_moe.backend import data_dependent_shapes_allowed
+from keras_moe.backend import stable_top_k
 
 
 class DispatchPlan(NamedTuple):
-    """Where every routed (token, choice) pair goes.
+    """Where every routed (token, choice) pair goes: routing where tokens choose.
 
     Integer and boolean tensors only: the plan carries no gradient. Choices
     are stored choice-major (`[G, k, T]`) because that is the order in which
@@ -42,6 +42,9 @@ class DispatchPlan(NamedTuple):
         choice_kept: bool `[G, k, T]`, whether each choice got a slot.
         expert_counts: int32 `[G, E]`, choices routed to each expert before
             capacity is applied (padding excluded).
+        expert_ids: int32 `[G, T, k]`, the experts the tokens chose, as
+            given (padding included): what per-sequence balance losses
+            count.
     """
 
     slot_tokens: object
@@ -49,6 +52,7 @@ class DispatchPlan(NamedTuple):
     choice_slots: object
     choice_kept: object
     expert_counts: object
+    expert_ids: object
 
     @property
     def kept(self):
@@ -199,6 +203,7 @@ def compute_dispatch_plan(expert_ids, num_experts, capacity, token_mask=None):
     [True, False, True]
     """
     expert_ids = ops.cast(expert_ids, "int32")
+    chosen_ids = expert_ids
     num_groups, num_tokens, top_k = (
         ops.shape(expert_ids)[0],
         ops.shape(expert_ids)[1],
@@ -275,6 +280,7 @@ def compute_dispatch_plan(expert_ids, num_experts, capacity, token_mask=None):
         ),
         choice_kept=ops.reshape(choice_kept, (num_groups, top_k, num_tokens)),
         expert_counts=expert_counts,
+        expert_ids=chosen_ids,
     )
 
 
@@ -283,7 +289,7 @@ def dispatch(tokens, plan):
 
     Args:
         tokens: `[G, T, d]`.
-        plan: the `DispatchPlan` of these tokens.
+        plan: the `DispatchPlan` or `ExpertChoicePlan` of these tokens.
 
     Returns:
         Buffers `[G, E, C, d]`; empty slots are zero.
@@ -337,6 +343,25 @@ def combine(expert_outputs, plan, expert_weights):
     return outputs
 
 
+class ExpertChoicePlan(NamedTuple):
+    """Which tokens every expert took: routing where experts choose.
+
+    Tokens make no choices here, so there is nothing per (token, choice):
+    only the slots, which `dispatch` fills like a `DispatchPlan`'s.
+
+    Attributes:
+        slot_tokens: int32 `[G, E, C]`, the token (index within its group)
+            each expert slot took, best first.
+        slot_filled: bool `[G, E, C]`, whether a slot holds a real token
+            (False where an expert ran out of real tokens to take).
+        expert_counts: int32 `[G, E]`, the filled slots of each expert.
+    """
+
+    slot_tokens: object
+    slot_filled: object
+    expert_counts: object
+
+
 def compute_expert_choice_plan(router_probs, capacity, token_mask=None):
     """Expert choice routing (Zhou et al. 2022): each expert takes its top tokens.
 
@@ -352,9 +377,9 @@ def compute_expert_choice_plan(router_probs, capacity, token_mask=None):
         token_mask: optional bool `[G, T]`, False for padding.
 
     Returns:
-        `(plan, slot_weights)`: a `DispatchPlan` whose choice fields are
-        `None` (tokens are not choosing), and float `[G, E, C]`, the router
-        probability of each slot's token, its combine weight.
+        `(plan, slot_weights)`: an `ExpertChoicePlan`, and float
+        `[G, E, C]`, the router probability of each slot's token, its
+        combine weight.
 
     Example:
 
@@ -376,11 +401,9 @@ def compute_expert_choice_plan(router_probs, capacity, token_mask=None):
     slot_weights, slot_tokens = stable_top_k(affinity, capacity)
     slot_filled = slot_weights >= 0
     slot_weights = ops.where(slot_filled, slot_weights, 0.0)
-    plan = DispatchPlan(
+    plan = ExpertChoicePlan(
         slot_tokens=slot_tokens,
         slot_filled=slot_filled,
-        choice_slots=None,
-        choice_kept=None,
         expert_counts=ops.sum(ops.cast(slot_filled, "int32"), axis=-1),
     )
     return plan, slot_weights
@@ -395,7 +418,7 @@ def combine_slots(expert_outputs, plan, slot_weights, num_tokens):
 
     Args:
         expert_outputs: `[G, E, C, d]`.
-        plan: the `DispatchPlan` the buffers were made with.
+        plan: the `ExpertChoicePlan` the buffers were made with.
         slot_weights: float `[G, E, C]`, the combine weight of each slot.
         num_tokens: int, `T`, tokens per group.
 

@@ -1,69 +1,18 @@
-from typing import NamedTuple
-
 import keras
 from keras import ops
 
+from keras_moe.backend import stable_top_k
+from keras_moe.layers.routers.linear_scoring import MIN_NORMALIZER
+from keras_moe.layers.routers.linear_scoring import LinearScoring
+from keras_moe.layers.routers.token_choice_router import RouterOutput
+from keras_moe.layers.routers.token_choice_router import TokenChoiceRouter
 from keras_moe.utils.argument_validation import check_bool
-from keras_moe.utils.argument_validation import check_choice
 from keras_moe.utils.argument_validation import check_float
 from keras_moe.utils.argument_validation import check_int
-from keras_moe.utils.backend_utils import stable_top_k
-
-SCORE_FUNCTIONS = ("softmax", "sigmoid")
-# Floor of the sums that scores and weights are divided by: sigmoid scores
-# all underflow to 0 for logits near -1e4, and the gradient of x / s has
-# s ** 2 below it, which must not flush to 0 in float32 (0 / 0 = NaN).
-_MIN_NORMALIZER = 1e-12
-
-
-class RouterOutput(NamedTuple):
-    """What a router decided for a batch of tokens.
-
-    Attributes:
-        expert_ids: int32 `[..., k]`, the chosen experts, best first.
-        expert_weights: float `[..., k]`, the combine weight of each choice.
-        router_logits: float `[..., E]`, in the router's dtype.
-        router_probs: float `[..., E]`, each token's distribution over
-            experts: the softmax of the logits, or the sigmoid scores
-            normalised to sum to 1. The balance losses use it.
-    """
-
-    expert_ids: object
-    expert_weights: object
-    router_logits: object
-    router_probs: object
-
-
-class RouterScores(NamedTuple):
-    """A router's scores, before any expert is chosen.
-
-    Attributes:
-        router_logits: float `[..., E]`.
-        scores: float `[..., E]`, softmax or sigmoid of the logits: what the
-            combine weights are taken from.
-        router_probs: float `[..., E]`, `scores` as a distribution.
-    """
-
-    router_logits: object
-    scores: object
-    router_probs: object
-
-
-def router_output_spec(inputs, num_choices, num_experts, dtype):
-    """The `RouterOutput` of symbolic shapes for `inputs` `[..., d]`."""
-    leading = tuple(inputs.shape[:-1])
-    choice_shape = leading + (num_choices,)
-    expert_shape = leading + (num_experts,)
-    return RouterOutput(
-        expert_ids=keras.KerasTensor(choice_shape, "int32"),
-        expert_weights=keras.KerasTensor(choice_shape, dtype),
-        router_logits=keras.KerasTensor(expert_shape, dtype),
-        router_probs=keras.KerasTensor(expert_shape, dtype),
-    )
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class TopKRouter(keras.layers.Layer):
+class TopKRouter(LinearScoring, TokenChoiceRouter):
     """Token-choice router: each token picks its `top_k` best experts.
 
     Logits are `x @ kernel` with a `[d, E]` kernel. Scores are their softmax
@@ -142,6 +91,19 @@ class TopKRouter(keras.layers.Layer):
     True
     """
 
+    moe_arguments = (
+        "top_k",
+        "score_function",
+        "normalize_top_k",
+        "routed_scaling_factor",
+        "expert_groups",
+        "top_groups",
+        "bias_update_rate",
+        "jitter",
+        "noisy_gating",
+        "seed",
+    )
+
     def __init__(
         self,
         num_experts,
@@ -159,10 +121,9 @@ class TopKRouter(keras.layers.Layer):
         seed=None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.num_experts = check_int("num_experts", num_experts, min_value=1)
-        self.score_function = check_choice(
-            "score_function", score_function, SCORE_FUNCTIONS
+        super().__init__(num_experts, **kwargs)
+        self._init_scoring(
+            score_function, jitter, noisy_gating, kernel_initializer, seed
         )
         self.normalize_top_k = check_bool("normalize_top_k", normalize_top_k)
         self.routed_scaling_factor = check_float(
@@ -190,31 +151,9 @@ class TopKRouter(keras.layers.Layer):
                 f"expert_groups={expert_groups}, top_groups={top_groups}"
             )
         self.bias_update_rate = check_float("bias_update_rate", bias_update_rate)
-        self.jitter = check_float("jitter", jitter)
-        if self.jitter >= 1.0:
-            raise ValueError(
-                f"`jitter` must be in [0, 1). Received: jitter={jitter!r}"
-            )
-        self.noisy_gating = check_bool("noisy_gating", noisy_gating)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.seed = seed
-        if self.jitter > 0 or self.noisy_gating:
-            self.seed_generator = keras.random.SeedGenerator(seed)
 
     def build(self, input_shape):
-        hidden_dim = input_shape[-1]
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(hidden_dim, self.num_experts),
-            initializer=self.kernel_initializer,
-        )
-        if self.noisy_gating:
-            # Zero init (Shazeer et al.): the noise starts at softplus(0).
-            self.noise_kernel = self.add_weight(
-                name="noise_kernel",
-                shape=(hidden_dim, self.num_experts),
-                initializer="zeros",
-            )
+        self._build_scoring(input_shape[-1])
         if self.bias_update_rate > 0:
             self.expert_bias = self.add_weight(
                 name="expert_bias",
@@ -222,42 +161,6 @@ class TopKRouter(keras.layers.Layer):
                 initializer="zeros",
                 trainable=False,
             )
-
-    def score(self, inputs, training=None):
-        """Logits and scores of every expert for every token.
-
-        Args:
-            inputs: `[..., d]` tokens.
-            training: bool, turns on jitter and gating noise.
-
-        Returns:
-            A `RouterScores`.
-        """
-        if training and self.jitter > 0:
-            inputs = inputs * keras.random.uniform(
-                ops.shape(inputs),
-                minval=1.0 - self.jitter,
-                maxval=1.0 + self.jitter,
-                dtype=inputs.dtype,
-                seed=self.seed_generator,
-            )
-        router_logits = ops.matmul(inputs, self.kernel)
-        if training and self.noisy_gating:
-            noise_std = ops.softplus(ops.matmul(inputs, self.noise_kernel))
-            router_logits = router_logits + noise_std * keras.random.normal(
-                ops.shape(router_logits),
-                dtype=router_logits.dtype,
-                seed=self.seed_generator,
-            )
-        if self.score_function == "softmax":
-            scores = ops.softmax(router_logits, axis=-1)
-            router_probs = scores
-        else:
-            scores = ops.sigmoid(router_logits)
-            router_probs = scores / ops.maximum(
-                ops.sum(scores, axis=-1, keepdims=True), _MIN_NORMALIZER
-            )
-        return RouterScores(router_logits, scores, router_probs)
 
     def select(self, scores):
         """The `top_k` experts of each token and their combine weights.
@@ -278,7 +181,7 @@ class TopKRouter(keras.layers.Layer):
         expert_weights = ops.take_along_axis(scores, expert_ids, axis=-1)
         if self.normalize_top_k:
             expert_weights = expert_weights / ops.maximum(
-                ops.sum(expert_weights, axis=-1, keepdims=True), _MIN_NORMALIZER
+                ops.sum(expert_weights, axis=-1, keepdims=True), MIN_NORMALIZER
             )
         if self.routed_scaling_factor != 1.0:
             expert_weights = expert_weights * self.routed_scaling_factor
@@ -335,10 +238,10 @@ class TopKRouter(keras.layers.Layer):
     def choices_per_token(self):
         return self.top_k
 
-    def compute_output_spec(self, inputs, training=None):
-        return router_output_spec(
-            inputs, self.top_k, self.num_experts, self.compute_dtype
-        )
+    @property
+    def balancing_bias(self):
+        # Created in `build`, with `bias_update_rate > 0` only.
+        return getattr(self, "expert_bias", None)
 
     def get_config(self):
         config = super().get_config()
@@ -346,18 +249,12 @@ class TopKRouter(keras.layers.Layer):
             {
                 "num_experts": self.num_experts,
                 "top_k": self.top_k,
-                "score_function": self.score_function,
                 "normalize_top_k": self.normalize_top_k,
                 "routed_scaling_factor": self.routed_scaling_factor,
                 "expert_groups": self.expert_groups,
                 "top_groups": self.top_groups,
                 "bias_update_rate": self.bias_update_rate,
-                "jitter": self.jitter,
-                "noisy_gating": self.noisy_gating,
-                "kernel_initializer": keras.initializers.serialize(
-                    self.kernel_initializer
-                ),
-                "seed": self.seed,
             }
         )
+        config.update(self._scoring_config())
         return config

@@ -1,15 +1,15 @@
 import keras
 from keras import ops
 
-from keras_moe.layers.top_k_router import RouterOutput
-from keras_moe.layers.top_k_router import router_output_spec
+from keras_moe.backend import stable_top_k
+from keras_moe.layers.routers.token_choice_router import RouterOutput
+from keras_moe.layers.routers.token_choice_router import TokenChoiceRouter
 from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_int
-from keras_moe.utils.backend_utils import stable_top_k
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class HierarchicalRouter(keras.layers.Layer):
+class HierarchicalRouter(TokenChoiceRouter):
     """Two-level gating tree (Jordan & Jacobs 1994) over groups of experts.
 
     A top-level router scores `num_groups` groups (softmax of
@@ -19,7 +19,7 @@ class HierarchicalRouter(keras.layers.Layer):
     its group's and its expert's weight, and experts are numbered
     `group * experts_per_group + expert`, so the output is a `RouterOutput`
     with `top_groups * top_k` choices over `num_groups * experts_per_group`
-    experts, ready for the same dispatch as `TopKRouter`'s.
+    experts: a token-choice router, routed (`route`) like `TopKRouter`.
 
     `router_probs` is the joint distribution `p(group) * p(expert | group)`
     (the load-balancing loss uses it); `router_logits` is the sum of the two
@@ -62,11 +62,13 @@ class HierarchicalRouter(keras.layers.Layer):
         kernel_initializer="glorot_uniform",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.num_groups = check_int("num_groups", num_groups, min_value=1)
-        self.experts_per_group = check_int(
+        num_groups = check_int("num_groups", num_groups, min_value=1)
+        experts_per_group = check_int(
             "experts_per_group", experts_per_group, min_value=1
         )
+        super().__init__(num_groups * experts_per_group, **kwargs)
+        self.num_groups = num_groups
+        self.experts_per_group = experts_per_group
         self.top_groups = check_int(
             "top_groups", top_groups, min_value=1, max_value=self.num_groups
         )
@@ -75,7 +77,6 @@ class HierarchicalRouter(keras.layers.Layer):
         )
         self.normalize_top_k = check_bool("normalize_top_k", normalize_top_k)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.num_experts = self.num_groups * self.experts_per_group
 
     @property
     def choices_per_token(self):
@@ -130,11 +131,6 @@ class HierarchicalRouter(keras.layers.Layer):
             expert_weights=expert_weights,
             router_logits=router_logits,
             router_probs=router_probs,
-        )
-
-    def compute_output_spec(self, inputs):
-        return router_output_spec(
-            inputs, self.choices_per_token, self.num_experts, self.compute_dtype
         )
 
     def get_config(self):

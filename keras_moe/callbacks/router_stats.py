@@ -8,14 +8,16 @@ import warnings
 import keras
 import numpy as np
 
+from keras_moe import backend
 from keras_moe.callbacks.heatmap import render_load_heatmap
+from keras_moe.metrics import RouterStatsMetric
 from keras_moe.ops.router_stats import ROUTED
-from keras_moe.ops.router_stats import RouterStatsMetric
+from keras_moe.ops.router_stats import SOFT
 
 UPDATE_FREQS = ("epoch", "batch")
 
 # The per-expert vector each kind of layer shows in the heatmap.
-_HEATMAP_VECTOR = {ROUTED: "expert_load", "soft": "expert_share"}
+_HEATMAP_VECTOR = {ROUTED: "expert_load", SOFT: "expert_share"}
 
 
 def _check_model(model, name="model"):
@@ -48,7 +50,7 @@ def router_stats_metrics(model):
     """
     _check_model(model)
     metrics = []
-    for layer in model._flatten_layers(include_self=True):
+    for layer in backend.all_layers(model):
         metric = getattr(layer, "router_stats", None)
         if isinstance(metric, RouterStatsMetric) and not any(
             metric is seen for seen in metrics

@@ -11,14 +11,19 @@
 - `backbone_config_from_transformers(config)` and
   `transformers_config(backbone)`: the two config translations.
 - `HuggingFaceTokenizer`: a keras-hub tokenizer running a `tokenizer.json`.
+
+Each family (`model_type`) is one module of `keras_moe.convert.families`,
+found through `keras_moe.convert.registry`.
 """
 
+from keras_moe.convert import registry
 from keras_moe.convert.checkpoint import ConversionError
 from keras_moe.convert.checkpoint import SafetensorsCheckpoint
 from keras_moe.convert.export import infer_model_type
 from keras_moe.convert.export import to_transformers
 from keras_moe.convert.export import transformers_config
-from keras_moe.convert.families import SUPPORTED_MODEL_TYPES
-from keras_moe.convert.families import backbone_config_from_transformers
+from keras_moe.convert.loading import backbone_config_from_transformers
 from keras_moe.convert.loading import from_transformers
 from keras_moe.convert.tokenizer import HuggingFaceTokenizer
+
+SUPPORTED_MODEL_TYPES = registry.model_types()

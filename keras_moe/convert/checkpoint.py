@@ -18,17 +18,9 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
-# Experts stored as two stacked tensors (`gate_up_proj [E, 2m, d]` and
-# `down_proj [E, d, m]`, the in-memory layout of transformers >= 5) are read
-# one expert at a time under the per-expert names checkpoints usually use.
-_PER_EXPERT_NAME = re.compile(
-    r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\."
-    r"(?P<projection>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
-)
-_GATE_UP = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1}
-# transformers >= 5 names Mixtral's MoE block `mlp` in memory (a state dict
-# saved by hand has those names); Hub checkpoints use `block_sparse_moe`.
-_ALIASES = ((".block_sparse_moe.", ".mlp."),)
+# The per-expert names of the gate, up and down projections in transformers
+# checkpoints, unless a family names them otherwise.
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 class ConversionError(ValueError):
@@ -57,9 +49,9 @@ def read_config(directory):
 
     >>> import json, pathlib, tempfile
     >>> directory = pathlib.Path(tempfile.mkdtemp())
-    >>> _ = (directory / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
-    >>> read_config(directory)["model_type"]
-    'mixtral'
+    >>> _ = (directory / "config.json").write_text(json.dumps({"hidden_size": 16}))
+    >>> read_config(directory)["hidden_size"]
+    16
     """
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
@@ -85,8 +77,18 @@ class SafetensorsCheckpoint:
     `*.safetensors` file of the directory. Files are opened lazily with
     `safetensors.safe_open` and tensors come back as NumPy arrays.
 
+    A tensor asked for by its usual name is also found under the family's
+    other spellings (`aliases`), and one expert's projection
+    (`...experts.{j}.gate_proj.weight`) is read as a slice of experts
+    stored stacked (`...experts.gate_up_proj [E, 2m, d]` and
+    `...experts.down_proj [E, d, m]`, the layout of transformers >= 5).
+
     Args:
         directory: str or path of the checkpoint directory.
+        aliases: `(name part, alternative)` pairs: a name holding the part
+            is also looked up with the alternative in its place.
+        expert_projections: the per-expert names of the gate, up and down
+            projections.
 
     Raises:
         ConversionError: if the directory holds no safetensors file (the
@@ -105,9 +107,17 @@ class SafetensorsCheckpoint:
     ((2, 3), np.float32(6.0))
     """
 
-    def __init__(self, directory):
+    def __init__(self, directory, aliases=(), expert_projections=EXPERT_PROJECTIONS):
         self.directory = Path(directory)
         self._weight_map = _weight_map(self.directory)
+        self._aliases = tuple(aliases)
+        gate, up, down = expert_projections
+        self._stacked_rows = {gate: 0, up: 1, down: None}
+        names = "|".join(re.escape(name) for name in expert_projections)
+        self._per_expert_name = re.compile(
+            r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\."
+            rf"(?P<projection>{names})\.weight$"
+        )
         self._files = {}
         # The stored tensors read so far (what unused-tensor checks compare).
         self.read_names = set()
@@ -119,7 +129,7 @@ class SafetensorsCheckpoint:
         locate one expert's slice in a stacked tensor otherwise.
         """
         candidates = [name] + [
-            name.replace(old, new) for old, new in _ALIASES if old in name
+            name.replace(old, new) for old, new in self._aliases if old in name
         ]
         for candidate in candidates:
             if candidate in self._weight_map:
@@ -152,17 +162,17 @@ class SafetensorsCheckpoint:
 
     def _fused_source(self, name):
         """`(stacked tensor name, expert, row slice)` for a per-expert name."""
-        match = _PER_EXPERT_NAME.match(name)
+        match = self._per_expert_name.match(name)
         if match is None:
             return None
-        prefix, projection = match["prefix"], match["projection"]
-        expert = int(match["expert"])
-        if projection in _GATE_UP:
+        prefix, expert = match["prefix"], int(match["expert"])
+        half = self._stacked_rows[match["projection"]]
+        if half is not None:
             stacked = f"{prefix}.gate_up_proj"
             if stacked not in self._weight_map:
                 return None
             rows = self._shape_of(stacked)[1] // 2
-            start = _GATE_UP[projection] * rows
+            start = half * rows
             return stacked, expert, slice(start, start + rows)
         stacked = f"{prefix}.down_proj"
         if stacked not in self._weight_map:

@@ -7,18 +7,19 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_moe import models
 from keras_moe.convert import hub
+from keras_moe.convert import registry
 from keras_moe.convert.checkpoint import ConversionError
 from keras_moe.convert.checkpoint import SafetensorsCheckpoint
 from keras_moe.convert.checkpoint import read_config
-from keras_moe.convert.families import backbone_config_from_transformers
-from keras_moe.convert.families import check_model_type
 from keras_moe.convert.tokenizer import HuggingFaceTokenizer
 from keras_moe.convert.weight_mapping import weight_mappings
+from keras_moe.models.memory import check_fits_in_memory
 
 # Tensors a checkpoint may hold that the model does not use: rotary
-# frequency buffers (recomputed) and, for DeepSeek-V3, the multi-token
-# prediction layers after the last decoder layer.
+# frequency buffers (recomputed) and multi-token prediction layers after
+# the last decoder layer (DeepSeek-V3 has one).
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 # Overrides that change neither the architecture nor the weights.
@@ -35,9 +36,11 @@ def from_transformers(
     (`model.safetensors`, or shards listed in `model.safetensors.index.json`),
     or an `hf://org/name` handle, which is downloaded through
     `huggingface_hub` and then read the same way. The `model_type` in
-    `config.json` picks the conversion: `mixtral`, `qwen2_moe`, `qwen3_moe`,
-    `deepseek_v2` or `deepseek_v3` (see `backbone_config_from_transformers`
-    for how each maps onto `MoEBackbone`).
+    `config.json` picks the family that converts it (see
+    `keras_moe.convert.registry`; `SUPPORTED_MODEL_TYPES`: `mixtral`,
+    `qwen2_moe`, `qwen3_moe`, `deepseek_v2`, `deepseek_v3`), and
+    `backbone_config_from_transformers` says how each maps onto
+    `MoEBackbone`.
 
     Weights are read one tensor at a time from memory-mapped files and
     assigned to the model's variables (stacked expert kernels are filled
@@ -82,25 +85,25 @@ def from_transformers(
     _check_overrides(overrides)
     directory = _local_directory(path)
     hf_config = read_config(directory)
-    model_type = check_model_type(hf_config)
+    family = registry.lookup(hf_config.get("model_type"))
     _check_unquantized(hf_config)
     backbone_config = backbone_config_from_transformers(hf_config)
     _apply_overrides(backbone_config, overrides)
 
-    checkpoint = SafetensorsCheckpoint(directory)
+    checkpoint = SafetensorsCheckpoint(
+        directory,
+        aliases=family.checkpoint_aliases,
+        expert_projections=family.expert_projections,
+    )
     try:
         if check_memory:
-            from keras_moe.presets.memory import check_fits_in_memory
-
             check_fits_in_memory(
                 f"The checkpoint in {str(path)!r}",
                 checkpoint.num_elements(),
                 backbone_config.get("dtype"),
             )
-        from keras_moe import models
-
         backbone = models.MoEBackbone(**backbone_config)
-        load_weights(backbone, checkpoint, model_type)
+        load_weights(backbone, checkpoint, family)
     finally:
         checkpoint.close()
 
@@ -113,14 +116,52 @@ def from_transformers(
         preprocessor = None
         tokenizer = HuggingFaceTokenizer.from_checkpoint(directory, hf_config)
         if tokenizer is not None:
-            from keras_moe import models
-
             preprocessor = models.MoECausalLMPreprocessor(
                 tokenizer, sequence_length=DEFAULT_SEQUENCE_LENGTH
             )
-    from keras_moe import models
-
     return models.MoECausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
+def backbone_config_from_transformers(hf_config):
+    """The `MoEBackbone` arguments equivalent to a transformers config.
+
+    The config's `model_type` picks the family (`registry.lookup`). Routing
+    is dropless (`capacity_factor=None`, as in transformers) with the
+    family's scoring: softmax then renormalised top-k (Mixtral), softmax
+    top-k renormalised only with `norm_topk_prob` (Qwen-MoE), greedy softmax
+    top-k times `routed_scaling_factor` (DeepSeek-V2), sigmoid scores with
+    group-limited selection over scores plus `e_score_correction_bias`
+    (DeepSeek-V3, whose bias is the router's non-trainable `expert_bias`).
+    DeepSeek's YaRN `rope_scaling` is kept (`MoEBackbone(rope_scaling=...)`);
+    any other RoPE scaling is refused.
+    Fine-tuning options are set from the config where it has them
+    (`router_aux_loss_coef` -> `aux_loss_weight`); DeepSeek-V3 gets
+    aux-loss-free bias balancing (`bias_update_rate=0.001`) and a 1e-4
+    sequence-wise balance loss, as in its paper.
+
+    Args:
+        hf_config: dict, the contents of a transformers `config.json`.
+
+    Returns:
+        A dict of `MoEBackbone` keyword arguments.
+
+    Raises:
+        ConversionError: for an unsupported `model_type`, a missing field or
+            a setting keras-moe models cannot reproduce (the message names
+            the field).
+
+    Example:
+
+    >>> config = backbone_config_from_transformers({
+    ...     "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096,
+    ...     "intermediate_size": 14336, "num_hidden_layers": 32,
+    ...     "num_attention_heads": 32, "num_key_value_heads": 8,
+    ...     "num_local_experts": 8, "num_experts_per_tok": 2,
+    ...     "rope_theta": 1e6, "rms_norm_eps": 1e-5})
+    >>> config["num_experts"], config["moe_intermediate_dim"], config["moe_options"]["capacity_factor"]
+    (8, 14336, None)
+    """
+    return registry.lookup(hf_config.get("model_type")).backbone_config(hf_config)
 
 
 def _check_overrides(overrides):
@@ -208,19 +249,19 @@ def check_tensors(mappings, checkpoint):
         )
 
 
-def load_weights(backbone, checkpoint, model_type):
+def load_weights(backbone, checkpoint, family):
     """Assign a checkpoint's tensors to a built `MoEBackbone`, one at a time.
 
     Args:
         backbone: a `MoEBackbone` built from the checkpoint's config.
         checkpoint: a `SafetensorsCheckpoint`.
-        model_type: the checkpoint's `model_type`.
+        family: the checkpoint's `Family` (`registry.lookup(model_type)`).
 
     Raises:
         ConversionError: for missing tensors and tensors of the wrong shape
             (checked before any weight is assigned).
     """
-    mappings = weight_mappings(backbone, model_type)
+    mappings = weight_mappings(backbone, family)
     check_tensors(mappings, checkpoint)
     for mapping in mappings:
         variable = mapping.variable

@@ -1,9 +1,10 @@
-"""Which transformers tensor holds each `MoEBackbone` weight, and how.
+"""Which checkpoint tensor holds each `MoEBackbone` weight, and how.
 
-A `WeightMapping` ties one Keras variable to its tensor(s) in a
-transformers checkpoint and knows the layout change between them:
-- `"copy"`: same shape (embeddings, norm scales, DeepSeek-V3's
-  `e_score_correction_bias`);
+The backbone's weights come from its config
+(`keras_moe.models.weight_structure.backbone_weights`); the family names
+the tensor of each (`Family.tensor_name`). A `WeightMapping` ties one Keras
+variable to its tensor(s) and knows the layout change between them:
+- `"copy"`: same shape (embeddings, norm scales, balancing biases);
 - `"vector"`: a flat vector reshaped to the variable (q/k/v biases
   `[H * h]` -> `[H, h]`);
 - `"linear"`: a `torch.nn.Linear` weight `[out, in]` stored in Keras as a
@@ -17,12 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from keras_moe.convert.checkpoint import ConversionError
-
-_EXPERT_NAMES = {
-    # gate, up, down projections of one expert.
-    "mixtral": ("w1", "w3", "w2"),
-    "default": ("gate_proj", "up_proj", "down_proj"),
-}
+from keras_moe.models.weight_structure import backbone_weights
 
 
 class WeightMapping(NamedTuple):
@@ -78,105 +74,24 @@ class WeightMapping(NamedTuple):
         return value.T
 
 
-def _linear(variable, name, input_rank=1):
-    return WeightMapping(variable, (name,), "linear", input_rank)
+def _layout(weight):
+    """`(kind, input_rank)` of a backbone weight in a transformers checkpoint."""
+    if weight.kind == "kernel":
+        if weight.routed:
+            return "experts", 1
+        return "linear", weight.input_axes
+    if weight.kind == "bias":
+        return "vector", 1
+    return "copy", 1
 
 
-def _copy(variable, name):
-    return WeightMapping(variable, (name,), "copy")
-
-
-def _vector(variable, name):
-    return WeightMapping(variable, (name,), "vector")
-
-
-def _attention_mappings(attention, prefix):
-    p = f"{prefix}.self_attn"
-    if type(attention).__name__ == "MultiHeadLatentAttention":
-        mappings = []
-        if attention.q_lora_rank is None:
-            mappings.append(_linear(attention.q_proj.kernel, f"{p}.q_proj.weight"))
-        else:
-            mappings += [
-                _linear(attention.q_a_proj.kernel, f"{p}.q_a_proj.weight"),
-                _copy(attention.q_a_norm.scale, f"{p}.q_a_layernorm.weight"),
-                _linear(attention.q_b_proj.kernel, f"{p}.q_b_proj.weight"),
-            ]
-        mappings += [
-            _linear(
-                attention.kv_a_proj_with_mqa.kernel,
-                f"{p}.kv_a_proj_with_mqa.weight",
-            ),
-            _copy(attention.kv_a_norm.scale, f"{p}.kv_a_layernorm.weight"),
-            _linear(attention.kv_b_proj.kernel, f"{p}.kv_b_proj.weight"),
-            _linear(attention.o_proj.kernel, f"{p}.o_proj.weight", input_rank=2),
-        ]
-        return mappings
-    mappings = [
-        _linear(attention.query_dense.kernel, f"{p}.q_proj.weight"),
-        _linear(attention.key_dense.kernel, f"{p}.k_proj.weight"),
-        _linear(attention.value_dense.kernel, f"{p}.v_proj.weight"),
-        _linear(attention.output_dense.kernel, f"{p}.o_proj.weight", input_rank=2),
-    ]
-    if attention.use_bias:
-        mappings += [
-            _vector(attention.query_dense.bias, f"{p}.q_proj.bias"),
-            _vector(attention.key_dense.bias, f"{p}.k_proj.bias"),
-            _vector(attention.value_dense.bias, f"{p}.v_proj.bias"),
-        ]
-    if attention.use_qk_norm:
-        mappings += [
-            _copy(attention.query_norm.scale, f"{p}.q_norm.weight"),
-            _copy(attention.key_norm.scale, f"{p}.k_norm.weight"),
-        ]
-    return mappings
-
-
-def _dense_mappings(feedforward, prefix):
-    return [
-        _linear(feedforward.gate_kernel, f"{prefix}.gate_proj.weight"),
-        _linear(feedforward.up_kernel, f"{prefix}.up_proj.weight"),
-        _linear(feedforward.down_kernel, f"{prefix}.down_proj.weight"),
-    ]
-
-
-def _moe_mappings(moe, prefix, model_type):
-    mappings = [_linear(moe.router.kernel, f"{prefix}.gate.weight")]
-    if model_type == "deepseek_v3":
-        mappings.append(
-            _copy(moe.router.expert_bias, f"{prefix}.gate.e_score_correction_bias")
-        )
-    gate, up, down = _EXPERT_NAMES.get(model_type, _EXPERT_NAMES["default"])
-    experts = moe.experts
-    for kernel, projection in (
-        (experts.gate_kernel, gate),
-        (experts.up_kernel, up),
-        (experts.down_kernel, down),
-    ):
-        names = tuple(
-            f"{prefix}.experts.{j}.{projection}.weight"
-            for j in range(moe.num_experts)
-        )
-        mappings.append(WeightMapping(kernel, names, "experts"))
-    if getattr(moe, "num_shared_experts", 0):
-        shared = "shared_expert" if model_type == "qwen2_moe" else "shared_experts"
-        mappings += _dense_mappings(moe.shared_experts, f"{prefix}.{shared}")
-        if moe.shared_expert_gate:
-            mappings.append(
-                _linear(moe.shared_gate_kernel, f"{prefix}.shared_expert_gate.weight")
-            )
-    return mappings
-
-
-def weight_mappings(backbone, model_type):
-    """Every weight of `backbone` with its tensor in a `model_type` checkpoint.
+def weight_mappings(backbone, family):
+    """Every weight of `backbone` with its tensor in a `family` checkpoint.
 
     Args:
         backbone: a built `MoEBackbone`.
-        model_type: one of `SUPPORTED_MODEL_TYPES`; it decides the tensor
-            names (`block_sparse_moe.experts.{j}.w1` for Mixtral,
-            `mlp.experts.{j}.gate_proj` for the others, `shared_expert`
-            for Qwen2-MoE, `shared_experts` for DeepSeek).
+        family: a `keras_moe.convert.family.Family` (see
+            `keras_moe.convert.registry.lookup`); it names the tensors.
 
     Returns:
         A list of `WeightMapping`, in checkpoint order.
@@ -187,54 +102,53 @@ def weight_mappings(backbone, model_type):
 
     Example:
 
+    >>> from keras_moe.convert import registry
     >>> from keras_moe.models import MoEBackbone
     >>> backbone = MoEBackbone(
     ...     vocabulary_size=32, num_layers=1, hidden_dim=8, num_query_heads=2,
     ...     num_experts=2, top_k=1, moe_intermediate_dim=4)
-    >>> mappings = weight_mappings(backbone, "mixtral")
+    >>> mappings = weight_mappings(backbone, registry.family_of(backbone))
     >>> [m.names[0] for m in mappings][:2]
     ['model.embed_tokens.weight', 'model.layers.0.input_layernorm.weight']
     >>> mappings[-1].names[0], mappings[-1].checkpoint_shape()
     ('lm_head.weight', (32, 8))
     """
-    mappings = [
-        _copy(backbone.token_embedding.embeddings, "model.embed_tokens.weight")
-    ]
-    moe_block = "block_sparse_moe" if model_type == "mixtral" else "mlp"
-    for i, block in enumerate(backbone.transformer_layers):
-        prefix = f"model.layers.{i}"
-        mappings.append(
-            _copy(block.pre_attention_norm.scale, f"{prefix}.input_layernorm.weight")
-        )
-        mappings += _attention_mappings(block.attention, prefix)
-        mappings.append(
-            _copy(
-                block.pre_feedforward_norm.scale,
-                f"{prefix}.post_attention_layernorm.weight",
+    variables = _variables_by_path(backbone)
+    mappings = []
+    for weight in backbone_weights(backbone.get_config()):
+        variable = variables.get(weight.path)
+        name = family.tensor_name(weight)
+        if variable is None or name is None:
+            continue
+        kind, input_rank = _layout(weight)
+        if kind == "experts":
+            names = tuple(
+                name.replace("{expert}", str(j)) for j in range(weight.shape[0])
             )
-        )
-        feedforward = block.feedforward
-        if hasattr(feedforward, "router"):
-            mappings += _moe_mappings(feedforward, f"{prefix}.{moe_block}", model_type)
         else:
-            mappings += _dense_mappings(feedforward, f"{prefix}.mlp")
-    mappings.append(_copy(backbone.layer_norm.scale, "model.norm.weight"))
-    if not backbone.tie_word_embeddings:
-        mappings.append(
-            _linear(backbone.token_embedding.reverse_embeddings, "lm_head.weight")
-        )
-    _check_covered(backbone, mappings, model_type)
+            names = (name,)
+        mappings.append(WeightMapping(variable, names, kind, input_rank))
+    _check_covered(backbone, mappings, family)
     return mappings
 
 
-def _check_covered(backbone, mappings, model_type):
+def _variables_by_path(backbone):
+    """`{path: variable}`, paths relative to the backbone (as
+    `backbone_weights` writes them) even when it was built in a name
+    scope."""
+    embeddings = backbone.token_embedding.embeddings
+    scope = embeddings.path[: -len("token_embedding/embeddings")]
+    return {variable.path[len(scope) :]: variable for variable in backbone.weights}
+
+
+def _check_covered(backbone, mappings, family):
     mapped = {id(mapping.variable) for mapping in mappings}
     unmapped = [
         variable.path for variable in backbone.weights if id(variable) not in mapped
     ]
     if unmapped:
         raise ConversionError(
-            f"{model_type} checkpoints have no tensor for these weights: "
+            f"{family.model_type} checkpoints have no tensor for these weights: "
             f"{', '.join(unmapped)}. The model uses options (expert biases, "
             "noisy gating, balancing biases, ...) that this family does not "
             "have."

@@ -1,8 +1,8 @@
 """Mixture-of-Experts transformer models (keras-hub `Backbone` / `CausalLM`)."""
 
+from keras_moe.models.backbone_config import is_moe_layer
 from keras_moe.models.grouped_query_attention import GroupedQueryAttention
 from keras_moe.models.moe_backbone import MoEBackbone
-from keras_moe.models.moe_backbone import is_moe_layer
 from keras_moe.models.moe_causal_lm import MoECausalLM
 from keras_moe.models.moe_causal_lm_preprocessor import MoECausalLMPreprocessor
 from keras_moe.models.moe_decoder_block import MoEDecoderBlock

@@ -1,161 +1,35 @@
 """`MoEBackbone`: a decoder-only Mixture-of-Experts transformer.
 
 One configuration covers Mixtral, Qwen-MoE / Qwen3-MoE, OLMoE, DBRX-style
-and DeepSeek-V2/V3-style decoders. The weights it holds are exactly these
-(variable paths as in `model.weights`; `d` = hidden_dim,
-`V` = vocabulary_size), so that `count_params()` follows from the
-configuration alone:
-
-Embedding, final norm and head:
-- `token_embedding/embeddings [V, d]`
-- `token_embedding/reverse_embeddings [d, V]`, unless `tie_word_embeddings`
-- `final_norm/scale [d]`
-
-In each of the `num_layers` blocks, under `decoder_block_{i}/`:
-- `pre_attention_norm/scale [d]`, `pre_feedforward_norm/scale [d]`
-- `attention_type="gqa"` (`H` = num_query_heads, `K` = num_key_value_heads
-  or H, `h` = head_dim or d // H):
-  `attention/query/kernel [d, H, h]`, `attention/key/kernel [d, K, h]`,
-  `attention/value/kernel [d, K, h]`, `attention/attention_output/kernel
-  [H, h, d]`; with `attention_bias`: `attention/query/bias [H, h]`,
-  `attention/key/bias [K, h]`, `attention/value/bias [K, h]`; with
-  `use_qk_norm`: `attention/query_norm/scale [h]`,
-  `attention/key_norm/scale [h]`.
-- `attention_type="mla"` (`H` = num_query_heads, `n` = qk_nope_head_dim,
-  `r` = qk_rope_head_dim, `v` = v_head_dim): with `q_lora_rank`:
-  `attention/q_a_proj/kernel [d, q_lora_rank]`,
-  `attention/q_a_norm/scale [q_lora_rank]`,
-  `attention/q_b_proj/kernel [q_lora_rank, H, n + r]`; without:
-  `attention/q_proj/kernel [d, H, n + r]`; always
-  `attention/kv_a_proj_with_mqa/kernel [d, kv_lora_rank + r]`,
-  `attention/kv_a_norm/scale [kv_lora_rank]`,
-  `attention/kv_b_proj/kernel [kv_lora_rank, H, n + v]`,
-  `attention/o_proj/kernel [H, v, d]`.
-- a dense layer (`f` = intermediate_dim), a `FeedForward`:
-  `feedforward/gate_kernel [d, f]` (only if `ffn_gated`),
-  `feedforward/up_kernel [d, f]`, `feedforward/down_kernel [f, d]`.
-- a MoE layer (`E` = num_experts, `m` = moe_intermediate_dim), a
-  `SparseMoE`: `moe/router/kernel [d, E]`,
-  `moe/experts/gate_kernel [E, d, m]` (only if `ffn_gated`),
-  `moe/experts/up_kernel [E, d, m]`, `moe/experts/down_kernel [E, m, d]`;
-  plus what `moe_options` adds inside the MoE layer (for example the
-  non-trainable `moe/router/expert_bias [E]` with `bias_update_rate > 0`,
-  `moe/router/noise_kernel [d, E]` with `noisy_gating`, expert biases with
-  `use_bias`).
-- with `num_shared_experts > 0` the MoE layer is a `SharedExpertMoE`, which
-  adds a `FeedForward` of width `s` = shared_intermediate_dim or
-  `num_shared_experts * m`: `moe/shared_experts/gate_kernel [d, s]` (if
-  `ffn_gated`), `moe/shared_experts/up_kernel [d, s]`,
-  `moe/shared_experts/down_kernel [s, d]`; and with `shared_expert_gate`,
-  `moe/shared_gate_kernel [d, 1]`.
+and DeepSeek-V2/V3-style decoders. The weights it holds follow from the
+configuration alone: `keras_moe.models.weight_structure.backbone_weights`
+lists them (variable paths and shapes), and `count_params()` equals their
+sum.
 
 Layer `i` (0-based) is dense when `i < first_k_dense` or
 `(i + 1) % moe_layer_frequency != 0` (see `is_moe_layer`), and MoE
 otherwise; an explicit `moe_layers` list replaces that rule (Qwen-MoE's
-`mlp_only_layers`). There are no other weights: no biases except the optional q/k/v
-ones, no position embeddings (RoPE has none), no extra head.
+`mlp_only_layers`). The arguments are checked in
+`keras_moe.models.backbone_config`.
 """
-
-import inspect
 
 import keras
 from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
 
-from keras_moe.layers.feed_forward import FeedForward
-from keras_moe.layers.sparse_moe import SparseMoE
+from keras_moe.layers import FeedForward
+from keras_moe.layers import SharedExpertMoE
+from keras_moe.layers import SparseMoE
+from keras_moe.models.backbone_config import CONFIG_KEYS
+from keras_moe.models.backbone_config import config_moe_layer_flags
+from keras_moe.models.backbone_config import validated_config
 from keras_moe.models.grouped_query_attention import GroupedQueryAttention
 from keras_moe.models.moe_decoder_block import MoEDecoderBlock
 from keras_moe.models.multi_head_latent_attention import (
     MultiHeadLatentAttention,
 )
 from keras_moe.models.rms_normalization import RMSNormalization
-from keras_moe.models.yarn import normalize_rope_scaling
-from keras_moe.utils.argument_validation import check_bool
-from keras_moe.utils.argument_validation import check_float
-from keras_moe.utils.argument_validation import check_int
 from keras_moe.utils.weights_loading import load_weights_or_restore
-
-ATTENTION_TYPES = ("gqa", "mla")
-_MLA_ARGUMENTS = (
-    "q_lora_rank",
-    "kv_lora_rank",
-    "qk_nope_head_dim",
-    "qk_rope_head_dim",
-    "v_head_dim",
-)
-# Arguments the backbone sets on its MoE layers; `moe_options` cannot.
-_RESERVED_MOE_OPTIONS = (
-    "num_experts",
-    "intermediate_dim",
-    "top_k",
-    "activation",
-    "gated",
-    "causal",
-    "num_shared_experts",
-    "shared_intermediate_dim",
-    "shared_expert_gate",
-    "name",
-    "dtype",
-)
-
-
-def is_moe_layer(layer_index, first_k_dense=0, moe_layer_frequency=1):
-    """Whether decoder layer `layer_index` (0-based) is a MoE layer.
-
-    The first `first_k_dense` layers are dense (DeepSeek's
-    `first_k_dense_replace`); after them, layer `i` is MoE iff
-    `(i + 1) % moe_layer_frequency == 0` (Qwen-MoE's `decoder_sparse_step`).
-
-    Example:
-
-    >>> [is_moe_layer(i, first_k_dense=1, moe_layer_frequency=2) for i in range(5)]
-    [False, True, False, True, False]
-    """
-    return (
-        layer_index >= first_k_dense
-        and (layer_index + 1) % moe_layer_frequency == 0
-    )
-
-
-def moe_layer_flags(
-    num_layers, first_k_dense=0, moe_layer_frequency=1, moe_layers=None
-):
-    """Whether each decoder layer is a MoE layer, as a list of bools.
-
-    With `moe_layers` (a list of 0-based layer indices) exactly those layers
-    are MoE; without it, `is_moe_layer` decides from `first_k_dense` and
-    `moe_layer_frequency`.
-
-    Example:
-
-    >>> moe_layer_flags(4, first_k_dense=1)
-    [False, True, True, True]
-    >>> moe_layer_flags(4, moe_layers=[0, 3])
-    [True, False, False, True]
-    """
-    if moe_layers is not None:
-        chosen = set(moe_layers)
-        return [i in chosen for i in range(num_layers)]
-    return [
-        is_moe_layer(i, first_k_dense, moe_layer_frequency)
-        for i in range(num_layers)
-    ]
-
-
-def _moe_layer_accepts(argument):
-    return argument in inspect.signature(SparseMoE.__init__).parameters
-
-
-def _shared_expert_moe_class():
-    try:
-        from keras_moe.layers.shared_expert_moe import SharedExpertMoE
-    except ImportError as error:
-        raise ValueError(
-            "`num_shared_experts > 0` needs `keras_moe.layers.SharedExpertMoE`, "
-            f"which could not be imported: {error}"
-        ) from error
-    return SharedExpertMoE
 
 
 def _embedding_initializer():
@@ -172,8 +46,9 @@ class MoEBackbone(Backbone):
     OLMoE) or DeepSeek's Multi-head Latent Attention. Feed-forward layers are
     dense `FeedForward` blocks or `SparseMoE` / `SharedExpertMoE` layers, in
     the pattern set by `first_k_dense` and `moe_layer_frequency` (or listed
-    in `moe_layers`). The module
-    docstring lists every weight. `token_embedding` is a
+    in `moe_layers`).
+    `keras_moe.models.weight_structure.backbone_weights(config)` lists
+    every weight. `token_embedding` is a
     `ReversibleEmbedding`, so `MoECausalLM` computes logits with it (tied to
     the input embedding when `tie_word_embeddings`).
 
@@ -297,7 +172,7 @@ class MoEBackbone(Backbone):
         dtype=None,
         **kwargs,
     ):
-        config = _validated_config(
+        config = validated_config(
             vocabulary_size=vocabulary_size,
             num_layers=num_layers,
             hidden_dim=hidden_dim,
@@ -384,7 +259,7 @@ class MoEBackbone(Backbone):
 
     def get_config(self):
         config = super().get_config()
-        config.update({key: getattr(self, key) for key in _CONFIG_KEYS})
+        config.update({key: getattr(self, key) for key in CONFIG_KEYS})
         if config["moe_options"] is not None:
             config["moe_options"] = dict(config["moe_options"])
         if config["moe_layers"] is not None:
@@ -399,264 +274,6 @@ class MoEBackbone(Backbone):
         return load_weights_or_restore(
             self, super().load_weights, filepath, *args, **kwargs
         )
-
-
-_CONFIG_KEYS = (
-    "vocabulary_size",
-    "num_layers",
-    "hidden_dim",
-    "num_query_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "attention_type",
-    "attention_bias",
-    "use_qk_norm",
-    "q_lora_rank",
-    "kv_lora_rank",
-    "qk_nope_head_dim",
-    "qk_rope_head_dim",
-    "v_head_dim",
-    "rope_interleave",
-    "rope_scaling",
-    "rope_max_wavelength",
-    "intermediate_dim",
-    "num_experts",
-    "top_k",
-    "moe_intermediate_dim",
-    "num_shared_experts",
-    "shared_intermediate_dim",
-    "shared_expert_gate",
-    "first_k_dense",
-    "moe_layer_frequency",
-    "moe_layers",
-    "ffn_activation",
-    "ffn_gated",
-    "moe_options",
-    "layer_norm_epsilon",
-    "tie_word_embeddings",
-    "dropout",
-)
-
-
-def _optional_int(name, value, min_value=1):
-    return None if value is None else check_int(name, value, min_value=min_value)
-
-
-def _validated_config(**config):
-    """Check every argument; return them normalized (ints, floats, dicts)."""
-    c = dict(config)
-    for name in ("vocabulary_size", "num_layers", "hidden_dim", "num_query_heads"):
-        c[name] = check_int(name, c[name], min_value=1)
-    if c["attention_type"] not in ATTENTION_TYPES:
-        raise ValueError(
-            f"`attention_type` must be one of {ATTENTION_TYPES}. "
-            f"Received: attention_type={c['attention_type']!r}"
-        )
-    c["attention_bias"] = check_bool("attention_bias", c["attention_bias"])
-    c["use_qk_norm"] = check_bool("use_qk_norm", c["use_qk_norm"])
-    c["num_key_value_heads"] = _optional_int(
-        "num_key_value_heads", c["num_key_value_heads"]
-    )
-    c["head_dim"] = _optional_int("head_dim", c["head_dim"])
-    for name in _MLA_ARGUMENTS:
-        c[name] = _optional_int(name, c[name])
-    if c["attention_type"] == "gqa":
-        _check_gqa(c)
-    else:
-        _check_mla(c)
-    c["rope_max_wavelength"] = check_float(
-        "rope_max_wavelength", c["rope_max_wavelength"], positive=True
-    )
-
-    c["num_experts"] = check_int("num_experts", c["num_experts"], min_value=1)
-    c["top_k"] = check_int(
-        "top_k", c["top_k"], min_value=1, max_value=c["num_experts"]
-    )
-    c["num_shared_experts"] = check_int(
-        "num_shared_experts", c["num_shared_experts"], min_value=0
-    )
-    c["shared_intermediate_dim"] = _optional_int(
-        "shared_intermediate_dim", c["shared_intermediate_dim"]
-    )
-    c["shared_expert_gate"] = check_bool(
-        "shared_expert_gate", c["shared_expert_gate"]
-    )
-    if c["num_shared_experts"] == 0:
-        if c["shared_intermediate_dim"] is not None or c["shared_expert_gate"]:
-            raise ValueError(
-                "`shared_intermediate_dim` and `shared_expert_gate` need "
-                "`num_shared_experts > 0`. Received: num_shared_experts=0, "
-                f"shared_intermediate_dim={c['shared_intermediate_dim']}, "
-                f"shared_expert_gate={c['shared_expert_gate']}"
-            )
-    c["first_k_dense"] = check_int(
-        "first_k_dense", c["first_k_dense"], min_value=0, max_value=c["num_layers"]
-    )
-    c["moe_layer_frequency"] = check_int(
-        "moe_layer_frequency", c["moe_layer_frequency"], min_value=1
-    )
-    c["moe_layers"] = _checked_moe_layers(c)
-    c["intermediate_dim"] = _optional_int("intermediate_dim", c["intermediate_dim"])
-    c["moe_intermediate_dim"] = _optional_int(
-        "moe_intermediate_dim", c["moe_intermediate_dim"]
-    )
-    moe_layers = _moe_layer_flags(c)
-    if not all(moe_layers) and c["intermediate_dim"] is None:
-        dense = [i for i, moe in enumerate(moe_layers) if not moe]
-        raise ValueError(
-            f"`intermediate_dim` is required: layers {dense} are dense "
-            f"(first_k_dense={c['first_k_dense']}, "
-            f"moe_layer_frequency={c['moe_layer_frequency']}, "
-            f"moe_layers={c['moe_layers']}). "
-            "Received: intermediate_dim=None"
-        )
-    if any(moe_layers) and c["moe_intermediate_dim"] is None:
-        raise ValueError(
-            "`moe_intermediate_dim` (the width of each expert) is required "
-            "when some layer is a MoE layer. Received: moe_intermediate_dim=None"
-        )
-    c["ffn_gated"] = check_bool("ffn_gated", c["ffn_gated"])
-    if not isinstance(c["ffn_activation"], str):
-        raise ValueError(
-            "`ffn_activation` must be an activation name. "
-            f"Received: ffn_activation={c['ffn_activation']!r}"
-        )
-    keras.activations.get(c["ffn_activation"])
-
-    moe_options = c["moe_options"]
-    if moe_options is None:
-        moe_options = {}
-    if not isinstance(moe_options, dict):
-        raise ValueError(
-            "`moe_options` must be a dict of MoE layer arguments or None. "
-            f"Received: moe_options={moe_options!r}"
-        )
-    reserved = sorted(set(moe_options) & set(_RESERVED_MOE_OPTIONS))
-    if reserved:
-        raise ValueError(
-            f"`moe_options` cannot set {reserved}: the backbone sets them "
-            "from its own arguments. "
-            f"Received: moe_options={moe_options!r}"
-        )
-    c["moe_options"] = dict(moe_options) if c["moe_options"] is not None else None
-
-    c["layer_norm_epsilon"] = check_float(
-        "layer_norm_epsilon", c["layer_norm_epsilon"], positive=True
-    )
-    c["tie_word_embeddings"] = check_bool(
-        "tie_word_embeddings", c["tie_word_embeddings"]
-    )
-    c["dropout"] = check_float("dropout", c["dropout"])
-    if c["dropout"] >= 1:
-        raise ValueError(
-            f"`dropout` must be in [0, 1). Received: dropout={c['dropout']}"
-        )
-    return c
-
-
-def _moe_layer_flags(c):
-    return moe_layer_flags(
-        c["num_layers"], c["first_k_dense"], c["moe_layer_frequency"],
-        c["moe_layers"],
-    )
-
-
-def _checked_moe_layers(c):
-    moe_layers = c["moe_layers"]
-    if moe_layers is None:
-        return None
-    num_layers = c["num_layers"]
-    if not isinstance(moe_layers, (list, tuple)) or not all(
-        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers
-        for i in moe_layers
-    ):
-        raise ValueError(
-            "`moe_layers` must be None or a list of layer indices in "
-            f"[0, num_layers={num_layers}). Received: moe_layers={moe_layers!r}"
-        )
-    if len(set(moe_layers)) != len(moe_layers):
-        raise ValueError(
-            "`moe_layers` lists a layer more than once. "
-            f"Received: moe_layers={moe_layers!r}"
-        )
-    if c["first_k_dense"] != 0 or c["moe_layer_frequency"] != 1:
-        raise ValueError(
-            "`moe_layers` replaces `first_k_dense` and `moe_layer_frequency`, "
-            "which must keep their defaults (0 and 1) when it is given. "
-            f"Received: moe_layers={moe_layers!r}, "
-            f"first_k_dense={c['first_k_dense']}, "
-            f"moe_layer_frequency={c['moe_layer_frequency']}"
-        )
-    return sorted(moe_layers)
-
-
-def _check_gqa(c):
-    given = [name for name in _MLA_ARGUMENTS if c[name] is not None]
-    for name in ("rope_interleave", "rope_scaling"):
-        if c[name] is not None:
-            given.append(name)
-    if given:
-        raise ValueError(
-            f"{given} only apply to `attention_type='mla'`. "
-            "Received: attention_type='gqa'"
-        )
-    num_heads, num_kv_heads = c["num_query_heads"], c["num_key_value_heads"]
-    if num_kv_heads is not None and num_heads % num_kv_heads:
-        raise ValueError(
-            f"`num_query_heads` ({num_heads}) must be divisible by "
-            f"`num_key_value_heads`. Received: num_key_value_heads={num_kv_heads}"
-        )
-    head_dim = c["head_dim"]
-    if head_dim is None:
-        if c["hidden_dim"] % num_heads:
-            raise ValueError(
-                f"`hidden_dim` ({c['hidden_dim']}) must be divisible by "
-                f"`num_query_heads` ({num_heads}) when `head_dim` is None. "
-                f"Received: hidden_dim={c['hidden_dim']}"
-            )
-        head_dim = c["hidden_dim"] // num_heads
-    if head_dim % 2:
-        raise ValueError(
-            f"The head width must be even for RoPE; got {head_dim} "
-            f"(hidden_dim={c['hidden_dim']}, num_query_heads={num_heads}). "
-            f"Received: head_dim={c['head_dim']}"
-        )
-
-
-def _check_mla(c):
-    missing = [
-        name
-        for name in _MLA_ARGUMENTS[1:]
-        if c[name] is None
-    ]
-    if missing:
-        raise ValueError(
-            f"`attention_type='mla'` requires {missing}. Received: "
-            + ", ".join(f"{name}=None" for name in missing)
-        )
-    if c["qk_rope_head_dim"] % 2:
-        raise ValueError(
-            "`qk_rope_head_dim` must be even (RoPE rotates pairs of features). "
-            f"Received: qk_rope_head_dim={c['qk_rope_head_dim']}"
-        )
-    num_kv_heads = c["num_key_value_heads"]
-    if num_kv_heads is not None and num_kv_heads != c["num_query_heads"]:
-        raise ValueError(
-            "Multi-head latent attention has one key/value per query head: "
-            "`num_key_value_heads` must be None or equal to `num_query_heads` "
-            f"({c['num_query_heads']}). Received: num_key_value_heads={num_kv_heads}"
-        )
-    if c["rope_interleave"] is not None:
-        c["rope_interleave"] = check_bool("rope_interleave", c["rope_interleave"])
-    c["rope_scaling"] = normalize_rope_scaling(c["rope_scaling"])
-    for name in ("head_dim", "attention_bias", "use_qk_norm"):
-        if c[name]:
-            raise ValueError(
-                f"`{name}` only applies to `attention_type='gqa'` (MLA sets its "
-                "head widths with qk_nope_head_dim, qk_rope_head_dim and "
-                f"v_head_dim, and has no q/k/v biases or q/k norm). "
-                f"Received: {name}={c[name]!r}"
-            )
 
 
 def _make_attention(c, dtype):
@@ -691,7 +308,7 @@ def _make_attention(c, dtype):
 
 
 def _make_feedforward(c, layer_index, dtype):
-    if not _moe_layer_flags(c)[layer_index]:
+    if not config_moe_layer_flags(c)[layer_index]:
         return FeedForward(
             c["intermediate_dim"],
             activation=c["ffn_activation"],
@@ -700,8 +317,7 @@ def _make_feedforward(c, layer_index, dtype):
             name="feedforward",
         )
     options = dict(c["moe_options"] or {})
-    if _moe_layer_accepts("causal"):
-        options["causal"] = True
+    options["causal"] = True
     common = dict(
         top_k=c["top_k"],
         activation=c["ffn_activation"],
@@ -712,7 +328,7 @@ def _make_feedforward(c, layer_index, dtype):
     )
     if c["num_shared_experts"] == 0:
         return SparseMoE(c["num_experts"], c["moe_intermediate_dim"], **common)
-    return _shared_expert_moe_class()(
+    return SharedExpertMoE(
         c["num_experts"],
         c["moe_intermediate_dim"],
         num_shared_experts=c["num_shared_experts"],

@@ -11,11 +11,11 @@ card reproduced and, for full-size models, the published parameter counts.
 - `load(name_or_dir, preprocessor="default", **overrides)`: a `MoECausalLM`.
 """
 
+from keras_moe.models.memory import PresetTooLargeError
+from keras_moe.models.memory import available_memory
+from keras_moe.models.memory import check_fits_in_memory
+from keras_moe.models.memory import weight_dtype
 from keras_moe.presets.loading import load
-from keras_moe.presets.memory import PresetTooLargeError
-from keras_moe.presets.memory import available_memory
-from keras_moe.presets.memory import check_fits_in_memory
-from keras_moe.presets.memory import weight_dtype
 from keras_moe.presets.parameter_count import count_params
 from keras_moe.presets.preset_registry import config
 from keras_moe.presets.preset_registry import info

@@ -6,7 +6,10 @@ import json
 import os
 from pathlib import Path
 
-from keras_moe.presets.memory import check_fits_in_memory
+from keras_moe import models
+from keras_moe.convert import from_transformers
+from keras_moe.convert import hub
+from keras_moe.models.memory import check_fits_in_memory
 from keras_moe.presets.parameter_count import count_params
 from keras_moe.presets.preset_registry import info
 from keras_moe.presets.preset_registry import names
@@ -18,7 +21,6 @@ WEIGHTS_FILE = "model.weights.h5"
 SHARDED_WEIGHTS_FILE = "model.weights.json"
 # Keys that mark a `config.json` written by Hugging Face `transformers`.
 HUGGING_FACE_KEYS = ("model_type", "architectures")
-HUB_PREFIX = "hf://"
 
 
 def load(
@@ -92,7 +94,7 @@ def load(
             f"Received: check_memory={check_memory!r}"
         )
     _check_preprocessor_argument(preprocessor)
-    if isinstance(name_or_dir, str) and name_or_dir.startswith(HUB_PREFIX):
+    if hub.is_hub_handle(name_or_dir):
         return _load_hub(name_or_dir, preprocessor, check_memory, overrides)
     if isinstance(name_or_dir, os.PathLike) or (
         isinstance(name_or_dir, str) and name_or_dir not in names()
@@ -117,8 +119,6 @@ def _looks_like_path(text):
 
 
 def _load_preset(name, preprocessor, check_memory, overrides):
-    from keras_moe import models
-
     record = info(name)
     backbone_config = _apply_overrides(record, overrides, models.MoEBackbone)
     if check_memory:
@@ -182,8 +182,6 @@ def _apply_overrides(record, overrides, backbone_class):
 
 
 def _load_directory(directory, preprocessor, check_memory, overrides):
-    from keras_moe import models
-
     if not directory.is_dir():
         raise FileNotFoundError(
             f"{str(directory)!r} is neither a preset name nor an existing "
@@ -223,8 +221,6 @@ def _holds_hugging_face_checkpoint(directory):
 
 
 def _load_hugging_face(directory, preprocessor, check_memory, overrides):
-    from keras_moe.convert import from_transformers
-
     return from_transformers(
         directory, preprocessor, check_memory=check_memory, **overrides
     )
@@ -232,8 +228,6 @@ def _load_hugging_face(directory, preprocessor, check_memory, overrides):
 
 def _load_hub(handle, preprocessor, check_memory, overrides):
     """Download `hf://org/name`; load it as a checkpoint or a preset."""
-    from keras_moe.convert import hub
-
     directory = hub.download(handle, patterns=[CONFIG_FILE])
     if _holds_hugging_face_checkpoint(directory):
         directory = hub.download(handle)

@@ -1,4 +1,8 @@
-"""Refusing to build a model that cannot fit in the memory available."""
+"""Refusing to build a model that cannot fit in the memory available.
+
+Used by `keras_moe.presets.load` and `keras_moe.convert.from_transformers`
+before they build anything; re-exported by `keras_moe.presets`.
+"""
 
 import os
 import re
@@ -11,7 +15,8 @@ GIB = 1024**3
 class PresetTooLargeError(MemoryError):
     """A model's weights do not fit in the memory available to build it.
 
-    Raised by `keras_moe.presets.load` before anything is allocated, instead
+    Raised by `keras_moe.presets.load` (and
+    `keras_moe.convert.from_transformers`) before anything is allocated, instead
     of letting the process run out of memory halfway through building. It is
     a `MemoryError`, so code that already handles running out of memory
     handles it too. The message says how much memory the weights need in the
@@ -39,7 +44,7 @@ def host_memory_bytes():
 
     Example:
 
-    >>> from keras_moe.presets.memory import host_memory_bytes
+    >>> from keras_moe.models.memory import host_memory_bytes
     >>> available = host_memory_bytes()
     >>> available is None or available > 0
     True
@@ -70,7 +75,7 @@ def accelerator_memory_bytes():
 
     Example:
 
-    >>> from keras_moe.presets.memory import accelerator_memory_bytes
+    >>> from keras_moe.models.memory import accelerator_memory_bytes
     >>> found = accelerator_memory_bytes()
     >>> found is None or found[1] >= 0
     True
@@ -109,7 +114,7 @@ def available_memory():
 
     Example:
 
-    >>> from keras_moe.presets import available_memory
+    >>> from keras_moe.models.memory import available_memory
     >>> where, free_bytes = available_memory() or ("unknown", 1)
     >>> free_bytes > 0
     True
@@ -134,7 +139,7 @@ def weight_dtype(dtype=None):
 
     Example:
 
-    >>> from keras_moe.presets import weight_dtype
+    >>> from keras_moe.models.memory import weight_dtype
     >>> weight_dtype("bfloat16"), weight_dtype("mixed_bfloat16")
     ('bfloat16', 'float32')
     """
@@ -156,7 +161,7 @@ def bytes_per_parameter(dtype):
 
     Example:
 
-    >>> from keras_moe.presets.memory import bytes_per_parameter
+    >>> from keras_moe.models.memory import bytes_per_parameter
     >>> bytes_per_parameter("float32"), bytes_per_parameter("bfloat16")
     (4, 2)
     """
@@ -193,7 +198,7 @@ def check_fits_in_memory(description, total_params, dtype=None):
 
     Example:
 
-    >>> from keras_moe.presets import PresetTooLargeError, check_fits_in_memory
+    >>> from keras_moe.models.memory import PresetTooLargeError, check_fits_in_memory
     >>> check_fits_in_memory("A small model", 1_000_000)  # Fits: no error.
     >>> try:
     ...     check_fits_in_memory("A huge model", 10**15, dtype="bfloat16")

@@ -1,0 +1,318 @@
+"""`Family`: what keras-moe knows about one Hugging Face `model_type`.
+
+A family converts a transformers config into `MoEBackbone` arguments and
+back, names the checkpoint tensor of each backbone weight (see
+`keras_moe.models.weight_structure`), and refuses to export a model its
+checkpoints cannot hold. Each family lives in its own module under
+`keras_moe/convert/families/`; loading, export and weight mapping find it
+through `keras_moe.convert.registry` by its `model_type`.
+"""
+
+import warnings
+
+import keras
+
+from keras_moe.convert import config_fields
+from keras_moe.convert.checkpoint import ConversionError
+from keras_moe.models.backbone_config import config_moe_layer_flags
+
+# Tensor names shared by the transformers decoders (Llama layout), keyed by
+# the backbone weight's path inside its block (`BackboneWeight.key`).
+# `{layer}` is the block index and `{expert}` a routed expert's index.
+DECODER_TENSOR_NAMES = {
+    "token_embedding/embeddings": "model.embed_tokens.weight",
+    "final_norm/scale": "model.norm.weight",
+    "token_embedding/reverse_embeddings": "lm_head.weight",
+    "pre_attention_norm/scale": "model.layers.{layer}.input_layernorm.weight",
+    "pre_feedforward_norm/scale": (
+        "model.layers.{layer}.post_attention_layernorm.weight"
+    ),
+    "attention/query/kernel": "model.layers.{layer}.self_attn.q_proj.weight",
+    "attention/key/kernel": "model.layers.{layer}.self_attn.k_proj.weight",
+    "attention/value/kernel": "model.layers.{layer}.self_attn.v_proj.weight",
+    "attention/attention_output/kernel": (
+        "model.layers.{layer}.self_attn.o_proj.weight"
+    ),
+    "feedforward/gate_kernel": "model.layers.{layer}.mlp.gate_proj.weight",
+    "feedforward/up_kernel": "model.layers.{layer}.mlp.up_proj.weight",
+    "feedforward/down_kernel": "model.layers.{layer}.mlp.down_proj.weight",
+    "moe/router/kernel": "model.layers.{layer}.mlp.gate.weight",
+    "moe/experts/gate_kernel": (
+        "model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight"
+    ),
+    "moe/experts/up_kernel": "model.layers.{layer}.mlp.experts.{expert}.up_proj.weight",
+    "moe/experts/down_kernel": (
+        "model.layers.{layer}.mlp.experts.{expert}.down_proj.weight"
+    ),
+}
+_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+_EXPORTED_ACTIVATIONS = ("silu", "gelu", "relu")
+
+
+def moe_layer_indices(backbone):
+    """The indices of a backbone's MoE layers, from its config.
+
+    Args:
+        backbone: a `MoEBackbone`.
+
+    Returns:
+        A list of ints.
+
+    Example:
+
+    >>> from keras_moe.models import MoEBackbone
+    >>> backbone = MoEBackbone(
+    ...     vocabulary_size=32, num_layers=3, hidden_dim=8, num_query_heads=2,
+    ...     intermediate_dim=8, num_experts=2, top_k=1, moe_intermediate_dim=4,
+    ...     first_k_dense=1)
+    >>> moe_layer_indices(backbone)
+    [1, 2]
+    """
+    flags = config_moe_layer_flags(backbone.get_config())
+    return [index for index, is_moe in enumerate(flags) if is_moe]
+
+
+def moe_settings(backbone):
+    """The configuration of a backbone's MoE layers (the first one's).
+
+    Every MoE layer of a `MoEBackbone` is built from the same arguments, so
+    the first one's `get_config()` (router and expert arguments included)
+    speaks for all.
+
+    Args:
+        backbone: a `MoEBackbone` with at least one MoE layer.
+
+    Returns:
+        A dict of MoE layer arguments (`score_function`, `normalize_top_k`,
+        `aux_loss_weight`, ...).
+
+    Example:
+
+    >>> from keras_moe.models import MoEBackbone
+    >>> backbone = MoEBackbone(
+    ...     vocabulary_size=32, num_layers=1, hidden_dim=8, num_query_heads=2,
+    ...     num_experts=2, top_k=1, moe_intermediate_dim=4)
+    >>> moe_settings(backbone)["score_function"]
+    'softmax'
+    """
+    first = moe_layer_indices(backbone)[0]
+    return backbone.transformer_layers[first].feedforward.get_config()
+
+
+class Family:
+    """One Hugging Face `model_type` and its conversions, both ways.
+
+    Subclasses set the class attributes and implement `backbone_config`,
+    `describes`, `check_exportable` and `export_config`; the rest is shared
+    by transformers' decoder-only families.
+
+    Attributes:
+        model_type: str, the `model_type` of the family's `config.json`.
+        architecture: str, its transformers class (`"...ForCausalLM"`).
+        attention_type: `"gqa"` or `"mla"`, the backbone attention it uses.
+        score_function: `"softmax"` or `"sigmoid"`, its router scores.
+        rope_theta: float, transformers' default RoPE base.
+        yarn: bool, whether its checkpoints may use YaRN RoPE scaling.
+        tensor_names: dict, backbone weight key (`BackboneWeight.key`) ->
+            checkpoint tensor name (`{layer}`, `{expert}` filled in); a
+            weight without an entry cannot be exported to the family.
+        checkpoint_aliases: `(name part, alternative)` pairs: other
+            spellings of tensor names found in stored checkpoints.
+        expert_projections: the per-expert names of the gate, up and down
+            projections in the tensor names.
+
+    Example:
+
+    >>> from keras_moe.convert import registry
+    >>> family = registry.lookup("mixtral")
+    >>> family.architecture
+    'MixtralForCausalLM'
+    """
+
+    model_type = None
+    architecture = None
+    attention_type = "gqa"
+    score_function = "softmax"
+    rope_theta = 10000.0
+    yarn = False
+    tensor_names = DECODER_TENSOR_NAMES
+    checkpoint_aliases = ()
+    expert_projections = ("gate_proj", "up_proj", "down_proj")
+
+    # --- Hugging Face config -> MoEBackbone ---------------------------------
+
+    def backbone_config(self, hf_config):
+        """The `MoEBackbone` arguments equivalent to a transformers config.
+
+        Args:
+            hf_config: dict, a `config.json` of this `model_type`.
+
+        Returns:
+            A dict of `MoEBackbone` keyword arguments.
+        """
+        raise NotImplementedError
+
+    def uses_sliding_window(self, hf_config):
+        """Whether the config's `sliding_window` applies to its attention."""
+        return True
+
+    def decoder_config(self, hf_config):
+        """The `MoEBackbone` arguments every decoder family reads alike.
+
+        Args:
+            hf_config: dict, a `config.json` of this `model_type`.
+
+        Returns:
+            A dict: sizes, RoPE, norms, embedding tying and activation.
+        """
+        scaling = config_fields.rope_scaling(hf_config, self.yarn)
+        if self.uses_sliding_window(hf_config):
+            config_fields.warn_sliding_window(hf_config)
+        int_field, field = config_fields.int_field, config_fields.field
+        return dict(
+            vocabulary_size=int_field(hf_config, "vocab_size"),
+            num_layers=int_field(hf_config, "num_hidden_layers"),
+            hidden_dim=int_field(hf_config, "hidden_size"),
+            num_query_heads=int_field(hf_config, "num_attention_heads"),
+            rope_max_wavelength=config_fields.rope_theta(hf_config, self.rope_theta),
+            layer_norm_epsilon=float(field(hf_config, "rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(field(hf_config, "tie_word_embeddings", False)),
+            ffn_activation=config_fields.activation(hf_config),
+            ffn_gated=True,
+            rope_scaling=scaling,
+        )
+
+    # --- MoEBackbone -> Hugging Face config ---------------------------------
+
+    def describes(self, backbone, moe):
+        """Whether this is the family to export `backbone` to by default.
+
+        Families describe disjoint sets of backbones, so inferring the
+        `model_type` of a model never depends on the order of registration.
+
+        Args:
+            backbone: a `MoEBackbone`.
+            moe: its `moe_settings`.
+
+        Returns:
+            A bool.
+        """
+        raise NotImplementedError
+
+    def check_exportable(self, backbone, moe):
+        """Refuse (`self.refuse`) what the family's checkpoints cannot hold.
+
+        Args:
+            backbone: a `MoEBackbone`.
+            moe: its `moe_settings`.
+        """
+        raise NotImplementedError
+
+    def export_config(self, backbone, moe):
+        """The family's own `config.json` fields (added to the shared ones).
+
+        Args:
+            backbone: a `MoEBackbone` that passed `check_exportable`.
+            moe: its `moe_settings`.
+
+        Returns:
+            A dict.
+        """
+        raise NotImplementedError
+
+    def refuse(self, reason):
+        """Raise the `ConversionError` for a model the family cannot hold.
+
+        Args:
+            reason: str, what the model has that the family does not.
+        """
+        raise ConversionError(
+            f"This model cannot be written as a {self.model_type!r} "
+            f"checkpoint: {reason}"
+        )
+
+    def transformers_config(self, backbone):
+        """The `config.json` dict describing `backbone` in this family.
+
+        Args:
+            backbone: a `MoEBackbone`.
+
+        Returns:
+            A JSON-serializable dict.
+
+        Raises:
+            ConversionError: if the family cannot express the model.
+        """
+        moe = moe_settings(backbone)
+        self._check_shared_settings(backbone, moe)
+        self.check_exportable(backbone, moe)
+        dtype = keras.backend.standardize_dtype(backbone.dtype_policy.variable_dtype)
+        config = {
+            "architectures": [self.architecture],
+            "model_type": self.model_type,
+            "vocab_size": backbone.vocabulary_size,
+            "hidden_size": backbone.hidden_dim,
+            "num_hidden_layers": backbone.num_layers,
+            "num_attention_heads": backbone.num_query_heads,
+            "num_key_value_heads": backbone.num_key_value_heads
+            or backbone.num_query_heads,
+            "hidden_act": backbone.ffn_activation,
+            "rms_norm_eps": backbone.layer_norm_epsilon,
+            "rope_theta": backbone.rope_max_wavelength,
+            "rope_scaling": None,
+            "tie_word_embeddings": backbone.tie_word_embeddings,
+            "num_experts_per_tok": backbone.top_k,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "torch_dtype": _TORCH_DTYPES.get(dtype, "float32"),
+            "use_cache": True,
+        }
+        config.update(self.export_config(backbone, moe))
+        return config
+
+    def _check_shared_settings(self, backbone, moe):
+        """What no transformers family has, then attention and scoring."""
+        if not backbone.ffn_gated:
+            self.refuse("its feed-forward layers are not gated (ffn_gated=False).")
+        if backbone.ffn_activation not in _EXPORTED_ACTIVATIONS:
+            self.refuse(f"ffn_activation={backbone.ffn_activation!r}.")
+        if moe["routing"] != "token_choice" or moe["use_bias"]:
+            self.refuse("only token-choice routing without expert biases exists there.")
+        if moe["noisy_gating"]:
+            warnings.warn(
+                "Noisy gating is a training-time option that transformers "
+                "models do not have: the exported router has no noise kernel.",
+                stacklevel=4,
+            )
+        if backbone.attention_type != self.attention_type:
+            self.refuse(f"its attention is {backbone.attention_type!r}.")
+        if moe["score_function"] != self.score_function:
+            self.refuse(
+                f"its router uses score_function={moe['score_function']!r}."
+            )
+
+    # --- Tensors --------------------------------------------------------
+
+    def tensor_name(self, weight):
+        """The checkpoint tensor holding a backbone weight, or None.
+
+        Args:
+            weight: a `keras_moe.models.weight_structure.BackboneWeight`.
+
+        Returns:
+            The tensor name (with an `{expert}` field for routed experts),
+            or None if the family's checkpoints have no such tensor.
+
+        Example:
+
+        >>> from keras_moe.convert import registry
+        >>> from keras_moe.models.weight_structure import BackboneWeight
+        >>> weight = BackboneWeight(
+        ...     "decoder_block_2/moe/router/kernel", (8, 4), "router", "kernel", 2, 1)
+        >>> registry.lookup("qwen3_moe").tensor_name(weight)
+        'model.layers.2.mlp.gate.weight'
+        """
+        template = self.tensor_names.get(weight.key)
+        if template is None:
+            return None
+        return template.replace("{layer}", str(weight.layer))

@@ -6,7 +6,7 @@ Command, from the repository root:
     .venv/bin/python benchmarks/distribution_benchmark.py
 
 Options: `--steps 10` (timed steps per configuration), `--quick` (a toy
-model and 2 steps, a smoke run), `--json-out FILE`.
+model and 2 steps, a smoke run), `--json-out FILE`, `--require-idle`.
 
 The process splits the CPU into 8 virtual JAX devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=8`, set before JAX
@@ -40,9 +40,7 @@ os.environ["XLA_FLAGS"] = (
 )
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
-import resource  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -53,20 +51,9 @@ import numpy as np  # noqa: E402
 from keras_moe import presets  # noqa: E402
 from keras_moe.distribution import get_layout_map  # noqa: E402
 
+import harness  # noqa: E402
+
 QUICK = dict(num_layers=1, hidden_dim=32, moe_intermediate_dim=48)
-
-
-def cpu_jiffies():
-    """(busy, total) CPU jiffies of the whole machine, from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
-def own_cpu_seconds():
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def configurations():
@@ -113,8 +100,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json-out", default=None)
+    harness.add_json_argument(parser)
+    harness.add_idle_argument(parser)
     arguments = parser.parse_args()
+    harness.check_idle(refuse=arguments.require_idle)
     overrides = QUICK if arguments.quick else {}
     steps = 2 if arguments.quick else arguments.steps
     preset_training = presets.info("mixtral_small")["training"]
@@ -146,31 +135,29 @@ def main():
                 "model": model,
                 "scope": Scope(distribution),
                 "compile_seconds": compile_seconds,
-                "expert_bytes_total": sum(
-                    int(np.prod(v.shape)) * v.value.dtype.itemsize for v in experts
-                ),
+                "expert_bytes_total": harness.variable_bytes(experts),
                 "expert_bytes_per_device": bytes_on_device_0(experts),
                 "weight_bytes_per_device": bytes_on_device_0(model.weights),
                 "expected_expert_fraction": 1 / expert_shards,
-                "step_seconds": [],
             }
         )
         print(f"compiled {name} in {compile_seconds:.1f} s", flush=True)
 
-    busy_before, total_before = cpu_jiffies()
-    own_before, wall_before = own_cpu_seconds(), time.perf_counter()
-    for _ in range(steps):
-        for run in runs:
+    def timed_step(run):
+        def step():
             with run["scope"]:
-                start = time.perf_counter()
-                loss = run["model"].train_on_batch(x, y)
-                jax.block_until_ready(loss)
-                run["step_seconds"].append(time.perf_counter() - start)
-    busy_after, total_after = cpu_jiffies()
-    ticks = os.sysconf("SC_CLK_TCK")
+                jax.block_until_ready(run["model"].train_on_batch(x, y))
+
+        return step
+
+    with harness.OtherCpuLoad(own="self") as load:
+        rounds = harness.time_rounds(
+            {run["name"]: timed_step(run) for run in runs}, steps
+        )
+    for run in runs:
+        run["step_seconds"] = [ms / 1e3 for ms in rounds.wall_ms[run["name"]]]
     cores = os.cpu_count()
-    wall = time.perf_counter() - wall_before
-    other_cpu = (busy_after - busy_before) / ticks - (own_cpu_seconds() - own_before)
+    wall, other_cpu = load.wall_s, load.core_seconds
 
     baseline = statistics.median(runs[0]["step_seconds"])
     print(
@@ -208,13 +195,10 @@ def main():
         f"over {wall:.1f} s wall ({100 * other_cpu / (wall * cores):.0f}% of "
         f"the {cores} cores)"
     )
-    if arguments.json_out:
-        with open(arguments.json_out, "w") as f:
-            json.dump(
-                {"runs": results, "other_cpu_core_seconds": other_cpu, "wall": wall},
-                f,
-                indent=1,
-            )
+    harness.write_json(
+        arguments.json_out,
+        {"runs": results, "other_cpu_core_seconds": other_cpu, "wall": wall},
+    )
 
 
 if __name__ == "__main__":

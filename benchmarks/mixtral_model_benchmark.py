@@ -5,7 +5,7 @@ Command, from the repository root:
     .venv/bin/python benchmarks/mixtral_model_benchmark.py
 
 Options: `--backends tensorflow,jax,torch`, `--experts 8 32`, `--repeats 5`,
-`--quick` (tiny sizes, a smoke run).
+`--quick` (tiny sizes, a smoke run), `--json-out FILE`, `--require-idle`.
 
 Both models have the shapes of the issue's `mixtral_small`: 4 decoder
 layers, d = 256, 8 query / 2 key-value heads, SwiGLU experts of f = 512,
@@ -30,19 +30,10 @@ the active experts.
 """
 
 import argparse
-import json
-import os
 import re
-import statistics
-import subprocess
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness
 
-import sparse_moe_benchmark as base  # noqa: E402
-
-RESULT_PREFIX = "MODEL_RESULT "
 TARGETS = {8: 2.5, 32: 8.0}
 TARGET_BACKENDS = ("tensorflow", "jax")
 
@@ -86,7 +77,7 @@ def build_models(num_experts, sizes, capacity_factors):
     from keras_moe.models import MoEBackbone
     from keras_moe.models import MoECausalLM
 
-    keras.utils.set_random_seed(base.SEED)
+    keras.utils.set_random_seed(harness.SEED)
     common = dict(
         vocabulary_size=259,
         num_layers=sizes["num_layers"],
@@ -141,7 +132,7 @@ def worker(backend, num_experts, sizes, repeats):
     import keras
     import numpy as np
 
-    rng = np.random.default_rng(base.SEED)
+    rng = np.random.default_rng(harness.SEED)
     reference, ours = build_models(num_experts, sizes, (None, 1.25))
     x, y = make_batch(sizes, rng)
 
@@ -151,6 +142,7 @@ def worker(backend, num_experts, sizes, repeats):
     max_diff = float(np.abs(reference_logits - our_logits)[real].max())
 
     models = {"keras_hub": reference, "ours_cf1.25": ours[1.25], "ours_dropless": ours[None]}
+    sample_weight = x["padding_mask"].astype("float32")
     runs = {}
     for key, model in models.items():
         model.compile(
@@ -158,50 +150,38 @@ def worker(backend, num_experts, sizes, repeats):
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             jit_compile=backend != "torch",
         )
-        for _ in range(2):
-            model.train_on_batch(x, y, sample_weight=x["padding_mask"].astype("float32"))
         runs[key] = (lambda model=model: model.train_on_batch(
-            x, y, sample_weight=x["padding_mask"].astype("float32")))
+            x, y, sample_weight=sample_weight))
+        harness.warm_up(runs[key], 2)
         print(f"  E={num_experts} {key}: compiled", flush=True)
-    times = base.time_interleaved(runs, {key: repeats for key in runs})
-    tokens = sizes["batch_size"] * sizes["sequence_length"]
-    print(RESULT_PREFIX + json.dumps({
+    harness.emit({
         "num_experts": num_experts,
         "max_logit_diff": max_diff,
-        "median_ms": {key: statistics.median(values) for key, values in times.items()},
-        "tokens_per_step": tokens,
-    }), flush=True)
+        "median_ms": harness.time_rounds(runs, repeats).medians(),
+        "tokens_per_step": sizes["batch_size"] * sizes["sequence_length"],
+    })
 
 
 def run_worker(backend, num_experts, args):
-    command = [sys.executable, os.path.abspath(__file__), "--worker", backend,
-               "--experts", str(num_experts), "--repeats", str(args.repeats)]
-    command += ["--quick"] if args.quick else []
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    busy_before = base.busy_cpu_seconds()
-    own_before = base.children_cpu_seconds()
-    started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    wall_s = time.perf_counter() - started
-    if result.returncode:
-        raise SystemExit(f"{backend} E={num_experts} worker failed:\n"
-                         f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
-    background = max(0.0, (base.busy_cpu_seconds() - busy_before)
-                     - (base.children_cpu_seconds() - own_before)) / wall_s
-    for line in result.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            record = json.loads(line[len(RESULT_PREFIX):])
-            record["background_cores"] = background
-            return record
-    raise SystemExit(f"{backend} worker printed no result:\n{result.stdout[-2000:]}")
+    worker_args = ["--worker", backend, "--experts", str(num_experts),
+                   "--repeats", str(args.repeats)]
+    worker_args += ["--quick"] if args.quick else []
+    run = harness.spawn_worker(
+        __file__, worker_args, backend, label=f"{backend} E={num_experts}"
+    )
+    if not run.records:
+        raise SystemExit(f"{backend} E={num_experts} worker printed no result")
+    return run.records[0]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backends", default=",".join(base.BACKENDS))
+    parser.add_argument("--backends", default=",".join(harness.BACKENDS))
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
+    harness.add_json_argument(parser)
+    harness.add_idle_argument(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = shapes(args.quick)
@@ -209,37 +189,45 @@ def main():
         worker(args.worker, args.experts[0], sizes, args.repeats)
         return
 
+    harness.check_idle(refuse=args.require_idle)
     print(f"shapes: {sizes}, repeats: {args.repeats}")
-    rows = []
-    for backend in args.backends.split(","):
+    rows, records = [], []
+    for backend in harness.parse_backends(args.backends):
         for num_experts in args.experts:
             record = run_worker(backend, num_experts, args)
+            records.append(record)
             medians = record["median_ms"]
             tokens = record["tokens_per_step"]
-            speedup = medians["keras_hub"] / medians["ours_cf1.25"]
-            target = TARGETS.get(num_experts)
-            verdict = "-"
-            if target and backend in TARGET_BACKENDS:
-                verdict = f">= {target}: " + ("met" if speedup >= target else "MISSED")
+            speedup = harness.Ratio(
+                "speed-up", "keras_hub", "ours_cf1.25", ">=",
+                TARGETS.get(num_experts), TARGET_BACKENDS,
+            )
+            value = speedup.value(medians)
+            verdict = speedup.verdict(value, backend)
             rows.append([
                 backend, num_experts,
                 f"{tokens / medians['keras_hub'] * 1e3:.0f}",
                 f"{tokens / medians['ours_cf1.25'] * 1e3:.0f}",
                 f"{tokens / medians['ours_dropless'] * 1e3:.0f}",
-                f"{speedup:.2f}",
+                f"{value:.2f}",
                 f"{medians['keras_hub'] / medians['ours_dropless']:.2f}",
-                verdict,
+                f"{speedup.target}: {verdict}"
+                if verdict in ("PASS", "MISS") else "-",
                 f"{record['max_logit_diff']:.1e}",
                 f"{record['background_cores']:.2f}",
             ])
-            print(f"[{backend} E={num_experts}] done", flush=True)
     print("\nTraining tokens/s (median step) and speed-up over keras-hub")
-    print(base.format_table(
+    print(harness.format_table(
         ["backend", "E", "keras-hub", "ours cf1.25", "ours dropless",
          "speed-up cf1.25", "speed-up dropless", "target", "max |logit diff|",
          "other cores busy"],
         rows,
     ))
+    harness.warn_if_busy({
+        f"{r['backend']} E={r['num_experts']}": r["background_cores"]
+        for r in records
+    })
+    harness.write_json(args.json_out, {"shapes": sizes, "runs": records})
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Command, from the repository root:
 
     .venv/bin/python benchmarks/moe_layers_benchmark.py
 
-Options: `--backends tensorflow,jax,torch`, `--repeats 7`, `--quick`.
+Options: `--backends tensorflow,jax,torch`, `--repeats 7`, `--quick`,
+`--json-out FILE`, `--require-idle`.
 
 Same workload, sizes and step compilation as sparse_moe_benchmark.py
 (T=4096 tokens of d=512 as [8, 512, 512], experts of f=1024 SwiGLU, the loss
@@ -30,17 +31,10 @@ meanwhile (ratios are only meaningful when that is near zero).
 """
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
-import sys
+import dataclasses
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness
 
-import sparse_moe_benchmark as base  # noqa: E402
-
-RESULT_PREFIX = "LAYER_RESULT "
 LAYER_KEYS = (
     "sparse", "expert_choice", "hierarchical", "shared", "sparse_plus_ffn", "soft"
 )
@@ -52,25 +46,30 @@ LABELS = {
     "sparse_plus_ffn": "SparseMoE + FeedForward(f)",
     "soft": "SoftMoE 160 slots/expert",
 }
-# (label, numerator, denominator, comparison, bound or None)
 RATIOS = (
-    ("expert choice / SparseMoE", "expert_choice", "sparse", "<=", 1.2),
-    ("HierarchicalMoE / SparseMoE", "hierarchical", "sparse", "<=", 1.2),
-    ("SharedExpertMoE / (SparseMoE + FeedForward)", "shared", "sparse_plus_ffn", "<=", 1.1),
-    ("SharedExpertMoE / SparseMoE", "shared", "sparse", None, None),
-    ("SoftMoE / SparseMoE", "soft", "sparse", None, None),
+    harness.Ratio("expert choice / SparseMoE", "expert_choice", "sparse",
+                  "<=", 1.2),
+    harness.Ratio("HierarchicalMoE / SparseMoE", "hierarchical", "sparse",
+                  "<=", 1.2),
+    harness.Ratio("SharedExpertMoE / (SparseMoE + FeedForward)", "shared",
+                  "sparse_plus_ffn", "<=", 1.1),
+    harness.Ratio("SharedExpertMoE / SparseMoE", "shared", "sparse"),
+    harness.Ratio("SoftMoE / SparseMoE", "soft", "sparse"),
 )
+NUM_EXPERTS = 8
+CAPACITY_FACTOR = 1.25  # of the token-choice baseline; the others match it
 
 
 def build_layer(key, sizes):
     import keras
 
     from keras_moe import layers
+    from keras_moe.ops import expert_capacity
 
-    keras.utils.set_random_seed(base.SEED)
-    experts, f, k = 8, sizes.intermediate_dim, sizes.top_k
-    sequences, seq_len = sizes.input_shape[:2]
-    slots = base.expert_rows(base.CONFIGS_BY_KEY["sparse_e8"], sizes) // experts
+    keras.utils.set_random_seed(harness.SEED)
+    experts, f, k = NUM_EXPERTS, sizes.intermediate_dim, sizes.top_k
+    sequences = sizes.input_shape[0]
+    slots = expert_capacity(sizes.tokens, experts, k, CAPACITY_FACTOR)
     if key == "sparse":
         layer = layers.SparseMoE(experts, f, top_k=k, capacity_factor=1.25)
     elif key == "expert_choice":
@@ -121,80 +120,66 @@ def SparsePlusFeedForward(num_experts, intermediate_dim, top_k):
 
 
 def worker(backend, sizes, repeats):
-    inputs = base.make_inputs(sizes)
+    inputs = harness.make_inputs(sizes)
     runs = {}
     for key in LAYER_KEYS:
         layer = build_layer(key, sizes)
-        step = base.make_step(backend, layer, inputs)
-        for _ in range(2):
-            step.run()
+        step = harness.gradient_step(backend, layer, inputs)
+        harness.warm_up(step.run, 2)
         runs[key] = step.run
         print(f"  {key}: compiled", flush=True)
-    times = base.time_interleaved(runs, {key: repeats for key in runs})
-    for key, values in times.items():
-        print(RESULT_PREFIX + json.dumps(
-            {"key": key, "median_ms": statistics.median(values)}
-        ), flush=True)
-
-
-def run_backend(backend, args):
-    command = [sys.executable, os.path.abspath(__file__), "--worker", backend,
-               "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    busy_before = base.busy_cpu_seconds()
-    own_before = base.children_cpu_seconds()
-    started = base.time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    wall_s = base.time.perf_counter() - started
-    if result.returncode:
-        raise SystemExit(f"{backend} worker failed:\n{result.stderr[-3000:]}")
-    background = max(0.0, (base.busy_cpu_seconds() - busy_before)
-                     - (base.children_cpu_seconds() - own_before)) / wall_s
-    medians = {}
-    for line in result.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            record = json.loads(line[len(RESULT_PREFIX):])
-            medians[record["key"]] = record["median_ms"]
-    return medians, background
+    medians = harness.time_rounds(runs, repeats).medians()
+    for key, median_ms in medians.items():
+        harness.emit({"key": key, "median_ms": median_ms})
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backends", default=",".join(base.BACKENDS))
+    parser.add_argument("--backends", default=",".join(harness.BACKENDS))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true")
+    harness.add_json_argument(parser)
+    harness.add_idle_argument(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sizes = base.QUICK_SIZES if args.quick else base.FULL_SIZES
+    sizes = harness.sizes_for(args.quick)
     if args.worker:
         worker(args.worker, sizes, args.repeats)
         return
 
+    harness.check_idle(refuse=args.require_idle)
     print(f"sizes: {sizes}, repeats: {args.repeats}")
-    results = {}
-    for backend in args.backends.split(","):
-        results[backend] = run_backend(backend, args)
-        print(f"[{backend}] done; other processes kept "
-              f"{results[backend][1]:.2f} cores busy", flush=True)
-    backends = list(results)
-    rows = [[LABELS[key]] + [f"{results[b][0][key]:.1f}" for b in backends]
+    medians, background = {}, {}
+    for backend in harness.parse_backends(args.backends):
+        run = harness.spawn_worker(
+            __file__,
+            ["--worker", backend, "--repeats", str(args.repeats)]
+            + (["--quick"] if args.quick else []),
+            backend,
+        )
+        medians[backend] = {r["key"]: r["median_ms"] for r in run.records}
+        background[backend] = run.background_cores
+    backends = list(medians)
+    rows = [[LABELS[key]] + [f"{medians[b][key]:.1f}" for b in backends]
             for key in LAYER_KEYS]
     print("\nMedian forward+backward step (ms)")
-    print(base.format_table(["layer"] + backends, rows))
+    print(harness.format_table(["layer"] + backends, rows))
     rows = []
-    for label, numerator, denominator, comparison, bound in RATIOS:
-        row = [label, f"{comparison} {bound}" if bound else "-"]
+    for ratio in RATIOS:
+        row = [ratio.label, ratio.target]
         for backend in backends:
-            medians = results[backend][0]
-            ratio = medians[numerator] / medians[denominator]
-            verdict = ""
-            if bound:
-                met = ratio <= bound if comparison == "<=" else ratio >= bound
-                verdict = " ok" if met else " MISS"
-            row.append(f"{ratio:.2f}{verdict}")
+            value = ratio.value(medians[backend])
+            verdict = ratio.verdict(value, backend)
+            row.append(f"{value:.2f}" + ("" if verdict == "-" else f" {verdict}"))
         rows.append(row)
     print("\nRatios")
-    print(base.format_table(["ratio", "target"] + backends, rows))
+    print(harness.format_table(["ratio", "target"] + backends, rows))
+    harness.warn_if_busy(background)
+    harness.write_json(args.json_out, {
+        "sizes": dataclasses.asdict(sizes), "median_ms": medians, "background_cores": background,
+        "ratios": {ratio.label: {b: ratio.value(medians[b]) for b in backends}
+                   for ratio in RATIOS},
+    })
 
 
 if __name__ == "__main__":

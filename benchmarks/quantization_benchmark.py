@@ -25,8 +25,6 @@ Prints one table per preset, Markdown-ready.
 """
 
 import argparse
-import statistics
-import time
 import warnings
 
 import keras
@@ -34,7 +32,10 @@ import numpy as np
 from keras import ops
 
 from keras_moe import presets
-from keras_moe.layers.experts import FeedForwardWeights
+from keras_moe.layers import Experts
+from keras_moe.layers import FeedForward
+
+import harness
 
 # name -> arguments of `model.quantize`.
 MODES = {
@@ -58,19 +59,11 @@ def build(name, seed, mode, overrides):
     return model
 
 
-def nbytes(weights):
-    return sum(
-        int(np.prod(w.shape))
-        * np.dtype(keras.backend.standardize_dtype(w.dtype)).itemsize
-        for w in weights
-    )
-
-
 def feed_forward_weights(model):
     return [
         w
         for layer in model._flatten_layers()
-        if isinstance(layer, FeedForwardWeights)
+        if isinstance(layer, (Experts, FeedForward))
         for w in layer.weights
     ]
 
@@ -81,17 +74,6 @@ def token_batch(batch, length, vocabulary_size, seed=0):
     padding_mask = np.ones_like(token_ids)
     padding_mask[0, length // 2 :] = 0
     return {"token_ids": token_ids, "padding_mask": padding_mask}
-
-
-def median_seconds(step, repeats):
-    step()  # compile
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run(name, args):
@@ -117,26 +99,28 @@ def run(name, args):
             optimizer=keras.optimizers.Adam(1e-3),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
-        infer = median_seconds(lambda: model.predict_on_batch(inputs), args.repeats)
-        train = median_seconds(
-            lambda: model.train_on_batch(inputs, labels), args.repeats
+        infer_ms = harness.median_ms(
+            lambda: model.predict_on_batch(inputs), 2, args.repeats
         )
-        rows.append(
-            (mode, nbytes(experts), nbytes(feed_forward_weights(model)),
-             min(correlations), max(correlations), infer, train)
+        train_ms = harness.median_ms(
+            lambda: model.train_on_batch(inputs, labels), 2, args.repeats
         )
+        rows.append((
+            mode, harness.variable_bytes(experts),
+            harness.variable_bytes(feed_forward_weights(model)),
+            min(correlations), max(correlations), infer_ms, train_ms,
+        ))
     float_row = rows[0]
     print(f"\n{name} ({keras.backend.backend()}, {overrides or 'all layers'}, "
           f"batch {args.batch} x {args.length} tokens, {args.seeds} seeds)\n")
-    print("| mode | routed experts MiB | all FFN MiB | experts smaller | "
-          "logits corr. (min-max) | inference ms | train step ms |")
-    print("|---|---|---|---|---|---|---|")
-    for mode, experts, ffn, low, high, infer, train in rows:
-        print(
-            f"| {mode} | {experts / 2**20:.2f} | {ffn / 2**20:.2f} | "
-            f"{float_row[1] / experts:.2f}x | {low:.4f}-{high:.4f} | "
-            f"{infer * 1e3:.1f} | {train * 1e3:.1f} |"
-        )
+    print(harness.markdown_table(
+        ("mode", "routed experts MiB", "all FFN MiB", "experts smaller",
+         "logits corr. (min-max)", "inference ms", "train step ms"),
+        [(mode, f"{experts / 2**20:.2f}", f"{ffn / 2**20:.2f}",
+          f"{float_row[1] / experts:.2f}x", f"{low:.4f}-{high:.4f}",
+          f"{infer_ms:.1f}", f"{train_ms:.1f}")
+         for mode, experts, ffn, low, high, infer_ms, train_ms in rows],
+    ))
 
 
 def main():
@@ -148,13 +132,19 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="a smoke run")
+    harness.add_idle_argument(parser)
     args = parser.parse_args()
+    harness.check_idle(refuse=args.require_idle)
     if args.quick:
         # Two layers: deepseek_small's first layer is dense.
         args.num_layers, args.batch, args.length = 2, 2, 16
         args.seeds, args.repeats = 1, 1
+    background = {}
     for name in args.presets.split(","):
-        run(name, args)
+        with harness.OtherCpuLoad(own="self") as load:
+            run(name, args)
+        background[name] = load.cores
+    harness.warn_if_busy(background)
 
 
 if __name__ == "__main__":

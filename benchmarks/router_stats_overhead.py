@@ -5,7 +5,8 @@ Command, from the repository root:
     .venv/bin/python benchmarks/router_stats_overhead.py
 
 Options: `--backends tensorflow,jax,torch`, `--rounds 15`, `--steps 20`,
-`--quick` (tiny sizes, for a smoke run).
+`--quick` (tiny sizes, for a smoke run), `--all-threads`, `--json-out FILE`,
+`--require-idle`.
 
 Workload: a small MoE model trained with `model.fit` as a user would run it
 (default compilation of each backend: XLA on TensorFlow and JAX, eager
@@ -33,16 +34,11 @@ took meanwhile is measured from /proc/stat and reported.
 """
 
 import argparse
-import json
 import os
-import resource
 import statistics
-import subprocess
-import sys
-import time
 
-BACKENDS = ("tensorflow", "jax", "torch")
-RESULT_PREFIX = "OVERHEAD_RESULT "
+import harness
+
 TARGET = 1.03
 FULL_SIZES = dict(batch=16, seq_len=64, hidden=128, experts=8, intermediate=256)
 QUICK_SIZES = dict(batch=4, seq_len=8, hidden=16, experts=4, intermediate=16)
@@ -70,108 +66,8 @@ def build_model(sizes, track):
     return model
 
 
-def make_step(model, x, y):
-    """The backend's training step alone: forward, losses, gradients, SGD.
-
-    What `fit` compiles, without its Python around each step: `jax.jit` of
-    `stateless_call` (the non-trainable state, router statistics included,
-    comes out of the step), an XLA-compiled `tf.function`, eager PyTorch.
-    Returns a function that runs one step and waits for its result.
-    """
-    import keras
-
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        def loss_fn(trainable, non_trainable, x, y):
-            outputs, non_trainable, losses = model.stateless_call(
-                trainable, non_trainable, x, training=True, return_losses=True
-            )
-            return jnp.mean(jnp.square(outputs - y)) + sum(losses), non_trainable
-
-        @jax.jit
-        def step(trainable, non_trainable, x, y):
-            (loss, non_trainable), grads = jax.value_and_grad(
-                loss_fn, has_aux=True
-            )(trainable, non_trainable, x, y)
-            trainable = [v - 1e-4 * g for v, g in zip(trainable, grads)]
-            return trainable, non_trainable, loss
-
-        state = [
-            [v.value for v in model.trainable_variables],
-            [v.value for v in model.non_trainable_variables],
-        ]
-        x, y = jnp.asarray(x), jnp.asarray(y)
-
-        def run():
-            state[0], state[1], loss = step(state[0], state[1], x, y)
-            loss.block_until_ready()
-
-        return run
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        x, y = tf.constant(x), tf.constant(y)
-
-        @tf.function(jit_compile=True)
-        def step():
-            with tf.GradientTape() as tape:
-                outputs = model(x, training=True)
-                loss = tf.reduce_mean(tf.square(outputs - y)) + tf.add_n(model.losses)
-            variables = model.trainable_variables
-            grads = tape.gradient(loss, [v.value for v in variables])
-            for variable, grad in zip(variables, grads):
-                variable.assign_sub(1e-4 * grad)
-            return loss
-
-        return lambda: step().numpy()
-    import torch
-
-    x, y = torch.as_tensor(x), torch.as_tensor(y)
-    parameters = [v.value for v in model.trainable_variables]
-
-    def run():
-        outputs = model(x, training=True)
-        loss = torch.mean(torch.square(outputs - y)) + sum(model.losses)
-        loss.backward()
-        with torch.no_grad():
-            for parameter in parameters:
-                parameter -= 1e-4 * parameter.grad
-                parameter.grad = None
-        return float(loss)
-
-    return run
-
-
-def timed(function, steps):
-    """`function()`'s wall and process CPU time per step, in ms."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    function()
-    return {
-        "wall": (time.perf_counter() - wall) * 1000 / steps,
-        "cpu": (time.process_time() - cpu) * 1000 / steps,
-    }
-
-
-def paired_rounds(runs, rounds):
-    """Alternate the runs (order flipped each round); times and paired ratios."""
-    record = {
-        clock: {"times": {"on": [], "off": []}, "ratios": []}
-        for clock in ("wall", "cpu")
-    }
-    for round_index in range(rounds):
-        order = ("on", "off") if round_index % 2 == 0 else ("off", "on")
-        this_round = {key: runs[key]() for key in order}
-        for clock, entry in record.items():
-            for key in order:
-                entry["times"][key].append(this_round[key][clock])
-            entry["ratios"].append(this_round["on"][clock] / this_round["off"][clock])
-    return record
-
-
 def worker(sizes, rounds, steps):
+    import keras
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -180,99 +76,57 @@ def worker(sizes, rounds, steps):
     y = rng.normal(size=shape).astype("float32")
     models = {"on": build_model(sizes, True), "off": build_model(sizes, False)}
 
-    def fit_step_ms(model):
-        def run():
-            return timed(
-                lambda: model.fit(
-                    x, y, batch_size=sizes["batch"], epochs=1, verbose=0,
-                    shuffle=False,
-                ),
-                steps,
-            )
-
-        return run
+    def fit_epoch(model):
+        return lambda: model.fit(
+            x, y, batch_size=sizes["batch"], epochs=1, verbose=0, shuffle=False
+        )
 
     for key, model in models.items():
         history = model.fit(x, y, batch_size=sizes["batch"], epochs=1, verbose=0)
         assert ("moe_maxvio" in history.history) == (key == "on")
-    result = {"fit": paired_rounds(
-        {key: fit_step_ms(model) for key, model in models.items()}, rounds
+    measures = {"fit": harness.time_rounds(
+        {key: fit_epoch(model) for key, model in models.items()}, rounds,
+        alternate=True, calls_per_run=steps,
     )}
 
     batch = slice(0, sizes["batch"])
 
-    def compiled_step_ms(model):
-        step = make_step(model, x[batch], y[batch])
-        for _ in range(3):
-            step()
+    def compiled_steps(model):
+        step = harness.sgd_step(
+            keras.backend.backend(), model, x[batch], y[batch]
+        )
+        harness.warm_up(step, 3)
+        return lambda: [step() for _ in range(steps)]
 
-        def run():
-            def steps_in_a_row():
-                for _ in range(steps):
-                    step()
-
-            return timed(steps_in_a_row, steps)
-
-        return run
-
-    result["step"] = paired_rounds(
-        {key: compiled_step_ms(model) for key, model in models.items()}, rounds
+    measures["step"] = harness.time_rounds(
+        {key: compiled_steps(model) for key, model in models.items()}, rounds,
+        alternate=True, calls_per_run=steps,
     )
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-
-
-def busy_cpu_seconds():
-    """CPU time every process on the machine has used since boot."""
-    with open("/proc/stat") as stat:
-        fields = [int(value) for value in stat.readline().split()[1:9]]
-    user, nice, system, _, _, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_seconds():
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def single_thread_env():
-    """Environment that keeps every backend's math on one thread."""
-    return {
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "TF_NUM_INTRAOP_THREADS": "1",
-        "TF_NUM_INTEROP_THREADS": "1",
-        "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false "
-        "intra_op_parallelism_threads=1",
-    }
+    harness.emit({
+        measure: {
+            clock: {
+                "times": rounds.times(clock),
+                "ratios": rounds.paired_ratios("on", "off", clock),
+            }
+            for clock in ("wall", "cpu")
+        }
+        for measure, rounds in measures.items()
+    })
 
 
 def run_backend(backend, args):
-    command = [
-        sys.executable, os.path.abspath(__file__), "--worker",
-        "--rounds", str(args.rounds), "--steps", str(args.steps),
-    ] + (["--quick"] if args.quick else [])
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    if not args.all_threads:
-        env.update(single_thread_env())
-    busy_before, own_before = busy_cpu_seconds(), children_cpu_seconds()
-    started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    wall_s = time.perf_counter() - started
-    if result.returncode:
-        raise SystemExit(f"{backend} worker failed:\n{result.stderr[-3000:]}")
-    background = max(
-        0.0,
-        (busy_cpu_seconds() - busy_before) - (children_cpu_seconds() - own_before),
-    ) / wall_s
-    for line in result.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):]), background
-    raise SystemExit(f"{backend} worker printed no result:\n{result.stdout[-3000:]}")
+    worker_args = ["--worker", "--rounds", str(args.rounds), "--steps", str(args.steps)]
+    worker_args += ["--quick"] if args.quick else []
+    extra_env = None if args.all_threads else harness.single_thread_env()
+    run = harness.spawn_worker(__file__, worker_args, backend, extra_env=extra_env)
+    if not run.records:
+        raise SystemExit(f"{backend} worker printed no result")
+    return run.records[0], run.background_cores
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--backends", default=",".join(harness.BACKENDS))
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--quick", action="store_true")
@@ -280,6 +134,8 @@ def main():
         "--all-threads", action="store_true",
         help="let the backends use every core (default: one thread each)",
     )
+    harness.add_json_argument(parser)
+    harness.add_idle_argument(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
@@ -292,6 +148,7 @@ def main():
         worker(sizes, args.rounds, args.steps)
         return
 
+    harness.check_idle(refuse=args.require_idle)
     threads = "every core" if args.all_threads else "one thread per backend"
     print(
         f"sizes: {sizes}, rounds: {args.rounds}, steps per sample: "
@@ -301,20 +158,17 @@ def main():
         f"{'backend':<11} {'measure':<14} {'clock':<5} {'on ms':>8} {'off ms':>8} "
         f"{'ratio of medians':>16} {'paired ratio':>12} {'paired IQR':>13}  verdict"
     )
-    lines = []
-    for backend in args.backends.split(","):
-        record, background = run_backend(backend, args)
+    lines, results, background = [], {}, {}
+    for backend in harness.parse_backends(args.backends):
+        record, background[backend] = run_backend(backend, args)
+        results[backend] = {}
         for measure, label in (("fit", "model.fit step"), ("step", "compiled step")):
             for clock in ("cpu", "wall"):
                 entry = record[measure][clock]
-                times, ratios = entry["times"], sorted(entry["ratios"])
+                times, ratios = entry["times"], entry["ratios"]
                 on = statistics.median(times["on"])
                 off = statistics.median(times["off"])
-                paired = statistics.median(ratios)
-                quartiles = (
-                    statistics.quantiles(ratios, n=4, method="inclusive")
-                    if len(ratios) > 1 else [paired] * 3
-                )
+                low, paired, high = harness.quartiles(ratios)
                 verdict = (
                     "ok" if paired < TARGET
                     else f"MISS by {100 * (paired - TARGET):.1f} pts"
@@ -322,10 +176,14 @@ def main():
                 lines.append(
                     f"{backend:<11} {label:<14} {clock:<5} {on:>8.2f} {off:>8.2f} "
                     f"{on / off:>16.3f} {paired:>12.3f} "
-                    f"{quartiles[0]:>6.3f}-{quartiles[2]:<6.3f}  {verdict}"
+                    f"{low:>6.3f}-{high:<6.3f}  {verdict}"
                 )
-        lines.append(f"{'':<11} (other processes kept {background:.2f} cores busy)")
-        print(f"[{backend}] done", flush=True)
+                results[backend][f"{measure} {clock}"] = {
+                    "on_ms": on, "off_ms": off, "paired_ratios": ratios,
+                }
+        lines.append(
+            f"{'':<11} (other processes kept {background[backend]:.2f} cores busy)"
+        )
     print(
         "\nTraining step with router statistics on / off (target: paired ratio "
         f"< {TARGET}; cpu = this process's CPU time, the headline on a shared "
@@ -333,6 +191,10 @@ def main():
     )
     print(header)
     print("\n".join(lines))
+    harness.warn_if_busy(background)
+    harness.write_json(args.json_out, {
+        "sizes": sizes, "results": results, "background_cores": background,
+    })
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BACKENDS := tensorflow jax torch
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-tensorflow test-jax test-torch benchmark
+.PHONY: install demo test test-fast test-tensorflow test-jax test-torch benchmark
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,8 @@ demo: install
 # itself split over two pytest-xdist workers (a file stays on one worker,
 # so module fixtures are built once).
 # `make test-jax` (or -tensorflow, -torch) runs one backend in the foreground.
+# `make test-fast` is `make test` without the `slow` end-to-end runs
+# (scripts, subprocesses): the quick local loop. CI runs `make test`.
 TEST_OUTPUT := $(or $(TMPDIR),/tmp)/keras-moe-tests
 JAX_WORKERS := -n 2 --dist loadfile
 test: install
@@ -60,6 +62,9 @@ test: install
 	  cat $(TEST_OUTPUT)/$$backend.log; \
 	  test "$$(cat $(TEST_OUTPUT)/$$backend.status)" = 0 || status=1; \
 	done; exit $$status
+
+test-fast:
+	@$(MAKE) --no-print-directory test PYTEST_ARGS='-m "not slow" $(PYTEST_ARGS)'
 
 test-%: install
 	KERAS_BACKEND=$* $(PY) -m pytest tests $(PYTEST_ARGS)

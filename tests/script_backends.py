@@ -6,12 +6,11 @@ the same `keras_moe` code on every backend, and each costs tens of seconds
 three backends by the unit tests, so each script runs in one backend's
 pytest run only, chosen to spread the cost over the three runs.
 `KERAS_MOE_SCRIPT_BACKENDS=tensorflow,jax,torch` runs every script test in
-every run listed.
+every run listed. Script tests are `slow`: `make test-fast` leaves them out.
 """
 
 import os
 
-import keras
 import pytest
 
 SCRIPT_BACKENDS_VARIABLE = "KERAS_MOE_SCRIPT_BACKENDS"
@@ -26,16 +25,13 @@ def script_backends(default):
 
 
 def runs_on(default):
-    """A skip mark: run this script test in the `default` backend's run.
+    """A `slow` mark: a script test, run in the `default` backend's run.
+
+    `tests/conftest.py` skips the test in the other backends' runs.
 
     Args:
         default: the backend ("tensorflow", "jax" or "torch") whose pytest
             run executes the test unless `KERAS_MOE_SCRIPT_BACKENDS` names
             others.
     """
-    backends = script_backends(default)
-    return pytest.mark.skipif(
-        keras.backend.backend() not in backends,
-        reason=f"script test: runs in the {sorted(backends)} pytest run "
-        f"({SCRIPT_BACKENDS_VARIABLE}=tensorflow,jax,torch runs it in all)",
-    )
+    return pytest.mark.slow(script_backends=sorted(script_backends(default)))

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from keras import ops
 
-import moe_reference
 from keras_moe.ops import combine
 from keras_moe.ops import compute_dispatch_plan
 from keras_moe.ops import dispatch
 from keras_moe.ops import expert_capacity
+from testing import moe_reference
 
 
 def random_choices(rng, num_groups, num_tokens, num_experts, top_k, skew=0.0):
@@ -121,7 +121,7 @@ def test_capacity_formula(num_tokens, num_experts, top_k, capacity_factor):
 
 
 def test_dropless_plan_keeps_everything_and_sizes_buffers_by_busiest_expert():
-    from keras_moe.utils.backend_utils import data_dependent_shapes_allowed
+    from keras_moe.backend import data_dependent_shapes_allowed
 
     rng = np.random.default_rng(2)
     num_tokens, num_experts = 40, 8

@@ -20,24 +20,33 @@ import numpy as np
 import pytest
 
 from keras_moe import layers
-from keras_moe import presets
 from keras_moe.distribution import get_layout_map
+from testing import load_preset
 
 BACKEND = keras.backend.backend()
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 DEVICES = [f"cpu:{i}" for i in range(8)]  # names are enough for layouts
 
-jax_run = pytest.mark.skipif(
+jax_only = pytest.mark.skipif(
     BACKEND != "jax",
     reason="runs JAX on 8 virtual CPU devices in a subprocess; the jax run "
     "of this file covers it",
 )
-tensorflow_run = pytest.mark.skipif(
+tensorflow_only = pytest.mark.skipif(
     BACKEND != "tensorflow",
     reason="tf.distribute runs in a TensorFlow subprocess; the tensorflow "
     "run of this file covers it",
 )
+
+
+# The subprocess runs are `slow`: `make test-fast` leaves them out.
+def jax_run(test):
+    return pytest.mark.slow(jax_only(test))
+
+
+def tensorflow_run(test):
+    return pytest.mark.slow(tensorflow_only(test))
 
 
 def mesh(shape=(2, 4), axis_names=("batch", "expert")):
@@ -91,13 +100,8 @@ def other_meshes(tmp_path_factory):
 
 
 def tiny_preset(name, **overrides):
-    return presets.load(
-        name,
-        preprocessor=None,
-        num_layers=2,
-        hidden_dim=32,
-        moe_intermediate_dim=16,
-        **overrides,
+    return load_preset(
+        name, num_layers=2, hidden_dim=32, moe_intermediate_dim=16, **overrides
     ).backbone
 
 
@@ -192,7 +196,9 @@ def test_other_indivisible_dimensions_at_layout_time():
     moe = layers.SparseMoE(8, 15, name="moe")
     moe.build((None, 8))
     with pytest.raises(
-        ValueError, match=r"Dimension 2 \(size 15\) of `moe/experts/gate_kernel`"
+        ValueError,
+        match=r"Dimension 2 \(size 15\) of `moe/experts/gate_kernel` .* is not "
+        r"divisible by the size 2 of the mesh axis 'model'",
     ):
         get_layout_map(
             mesh((2, 2, 2), ("batch", "expert", "model")),

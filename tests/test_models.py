@@ -18,6 +18,10 @@ from keras_moe.models import MoECausalLMPreprocessor
 from keras_moe.models import MoETokenizer
 from keras_moe.models import MultiHeadLatentAttention
 from keras_moe.models import is_moe_layer
+from testing import reload_keras_file
+from testing import run_backbone_test
+from testing import tiny_backbone_config
+from testing import to_numpy
 
 try:
     from keras_moe.layers.shared_expert_moe import SharedExpertMoE
@@ -39,20 +43,7 @@ ATTENTIONS = {"gqa": {}, "mla": MLA}
 
 
 def tiny_config(**overrides):
-    config = dict(
-        vocabulary_size=VOCABULARY_SIZE,
-        num_layers=2,
-        hidden_dim=16,
-        num_query_heads=4,
-        num_key_value_heads=2,
-        intermediate_dim=24,
-        num_experts=4,
-        top_k=2,
-        moe_intermediate_dim=8,
-        moe_options=dict(DROPLESS),
-    )
-    config.update(overrides)
-    return config
+    return tiny_backbone_config(**{"vocabulary_size": VOCABULARY_SIZE, **overrides})
 
 
 def random_inputs(rng, batch=2, length=7, lengths=None):
@@ -62,10 +53,6 @@ def random_inputs(rng, batch=2, length=7, lengths=None):
         for row, row_length in enumerate(lengths):
             padding_mask[row, row_length:] = 0
     return {"token_ids": token_ids, "padding_mask": padding_mask}
-
-
-def to_numpy(x):
-    return ops.convert_to_numpy(x).astype("float64")
 
 
 def randomize(layer, rng, scale=0.3):
@@ -567,9 +554,7 @@ def test_keras_file_round_trip(tmp_path, attention):
     causal_lm = tiny_text_lm(attention, tie_word_embeddings=True)
     inputs = random_inputs(np.random.default_rng(9), length=6, lengths=[6, 4])
     expected = to_numpy(causal_lm(inputs))
-    path = os.path.join(tmp_path, "model.keras")
-    causal_lm.save(path)
-    restored = keras.saving.load_model(path, safe_mode=True)
+    restored = reload_keras_file(causal_lm, tmp_path)
     assert isinstance(restored, MoECausalLM)
     assert isinstance(restored.preprocessor, MoECausalLMPreprocessor)
     np.testing.assert_array_equal(to_numpy(restored(inputs)), expected)
@@ -594,14 +579,10 @@ def test_preset_round_trip(tmp_path):
     assert tokenizer.end_token_id == 257
 
 
-def test_backbone_config_round_trip_is_json():
+def test_backbone_config_keras_file_and_mixed_precision(tmp_path):
     config = tiny_config(first_k_dense=1, use_qk_norm=True, rope_max_wavelength=1e6)
-    backbone = MoEBackbone(**config)
-    saved = json.loads(json.dumps(backbone.get_config()))
-    restored = MoEBackbone.from_config(saved)
-    assert restored.get_config() == backbone.get_config()
-    for key, value in config.items():
-        assert saved[key] == value
+    inputs = random_inputs(np.random.default_rng(11), lengths=[7, 4])
+    run_backbone_test(config, inputs, tmp_path=tmp_path)
 
 
 def test_layer_configs_round_trip():
@@ -627,13 +608,6 @@ def test_layer_configs_round_trip():
 def test_causal_lm_refuses_a_backbone_smaller_than_the_tokenizer():
     with pytest.raises(ValueError, match="vocabulary_size"):
         MoECausalLM(MoEBackbone(**tiny_config()), preprocessor=byte_preprocessor())
-
-
-def test_mixed_precision_forward():
-    backbone = MoEBackbone(**tiny_config(dtype="mixed_bfloat16"))
-    outputs = backbone(random_inputs(np.random.default_rng(11)))
-    assert keras.backend.standardize_dtype(outputs.dtype) == "bfloat16"
-    assert backbone.token_embedding.embeddings.dtype == "float32"
 
 
 # ---------------------------------------------------------------------------

@@ -20,7 +20,8 @@ import pytest
 
 from script_backends import runs_on
 from keras_moe import presets
-from keras_moe.presets import memory
+from keras_moe.models import memory
+from testing import reload_keras_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMALL_PRESETS = ["deepseek_small", "mixtral_small", "switch_small"]
@@ -383,9 +384,7 @@ def test_small_preset_keras_file_reloads_to_identical_logits(
     inputs = token_inputs(model)
     logits = logits_of(model, inputs)
     assert logits.shape == (2, 24, presets.config(name)["vocabulary_size"])
-    path = directory / f"{name}.keras"
-    model.save(path)
-    reloaded = keras.saving.load_model(path)
+    reloaded = reload_keras_file(model, directory, name)
     np.testing.assert_array_equal(logits_of(reloaded, inputs), logits)
 
 
@@ -585,6 +584,7 @@ def test_directory_memory_guard(saved_preset_dir, monkeypatch):
 # Packaging.
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_preset_files(tmp_path):
     source = tmp_path / "source"
     source.mkdir()

@@ -27,6 +27,7 @@ from keras_moe.ops.dispatch import combine
 from keras_moe.ops.dispatch import compute_dispatch_plan
 from keras_moe.ops.dispatch import dispatch
 from keras_moe.ops.dispatch import expert_capacity
+from testing import to_numpy
 
 HIDDEN_DIM = 8
 SETTINGS = settings(
@@ -37,10 +38,6 @@ SETTINGS = settings(
 )
 # Each example builds a layer: fewer of them.
 LAYER_SETTINGS = settings(SETTINGS, max_examples=5)
-
-
-def to_numpy(x):
-    return ops.convert_to_numpy(x)
 
 
 def reference_kept(expert_ids, num_experts, capacity, token_mask):
@@ -134,7 +131,7 @@ class ProbedMoE(SparseMoE):
     combine weight. The buffers are kept for inspection.
     """
 
-    def _run_experts(self, buffers):
+    def _run_experts(self, buffers, *routing_groups):
         self.buffers = buffers
         filled = ops.cast(
             ops.any(ops.not_equal(buffers, 0), axis=-1, keepdims=True), buffers.dtype

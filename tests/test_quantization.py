@@ -14,14 +14,19 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_moe import presets
 from keras_moe.layers import Experts
 from keras_moe.layers import FeedForward
 from keras_moe.layers import HierarchicalMoE
 from keras_moe.layers import SharedExpertMoE
 from keras_moe.layers import SoftMoE
 from keras_moe.layers import SparseMoE
-from keras_moe.layers.experts import FeedForwardWeights
+from keras_moe.layers.feed_forward_weights import FeedForwardWeights
+import testing
+from testing import load_preset
+from testing import reload_keras_file
+from testing import reload_preset
+from testing import to_numpy
+from testing import value_and_grads
 
 HIDDEN_DIM = 16
 # TensorFlow spends seconds tracing and compiling a train step that these
@@ -40,22 +45,13 @@ def no_garbage_collection_per_deleted_variable():
         yield
 
 
-def to_numpy(x):
-    return ops.convert_to_numpy(x)
-
-
 def tiny_preset(name="mixtral_small", num_layers=1, **overrides):
     """A preset at its own widths unless overridden, taking token ids."""
-    keras.utils.set_random_seed(0)
-    return presets.load(name, preprocessor=None, num_layers=num_layers, **overrides)
+    return load_preset(name, num_layers=num_layers, **overrides)
 
 
 def token_batch(batch=2, length=12, vocabulary_size=259, seed=0):
-    rng = np.random.default_rng(seed)
-    token_ids = rng.integers(0, vocabulary_size, size=(batch, length)).astype("int32")
-    padding_mask = np.ones_like(token_ids)
-    padding_mask[1, length - 3 :] = 0
-    return {"token_ids": token_ids, "padding_mask": padding_mask}
+    return testing.token_batch(batch, length, vocabulary_size, seed, padding=3, padded_row=1)
 
 
 def feed_forward_layers(model):
@@ -122,9 +118,7 @@ def test_int8_outputs_and_input_gradients_follow_the_float_layer(weight_only):
 
 
 def _input_gradient(layer, inputs):
-    import backend_grads
-
-    _, input_grad, _ = backend_grads.value_and_grads(
+    _, input_grad, _ = value_and_grads(
         layer, inputs, lambda outputs, losses: ops.sum(outputs**2)
     )
     return input_grad
@@ -165,9 +159,7 @@ def test_model_quantize_reaches_the_experts_and_leaves_routers_float(name, tmp_p
     # Saved in safe mode and loaded back: the same int8 model. The MoE layer
     # serialises its own float policy; the experts find their saved int8
     # state and quantize themselves before loading it.
-    path = str(tmp_path / "quantized.keras")
-    model.save(path)
-    restored = keras.saving.load_model(path, safe_mode=True)
+    restored = reload_keras_file(model, tmp_path)
     assert all(
         layer.quantization_mode == "int8" for layer in feed_forward_layers(restored)
     )
@@ -183,8 +175,7 @@ def test_weight_only_int8_survives_saving_inside_a_moe_layer(tmp_path):
     with pytest.warns(UserWarning):
         model.quantize("int8", config=config)
     outputs = to_numpy(model(x))
-    model.save(tmp_path / "weight_only.keras")
-    restored = keras.saving.load_model(tmp_path / "weight_only.keras", safe_mode=True)
+    restored = reload_keras_file(model, tmp_path)
     assert restored.get_layer("moe").experts.inputs_quantizer is None
     np.testing.assert_array_equal(to_numpy(restored(x)), outputs)
 
@@ -260,15 +251,12 @@ def test_quantize_reaches_every_feed_forward_and_leaves_routers_float(quantized_
 def test_quantized_preset_saves_and_loads(quantized_preset, tmp_path):
     model, inputs, _ = quantized_preset
     logits = to_numpy(model(inputs))
-    model.save_to_preset(str(tmp_path / "preset"))
-    reloaded = presets.load(tmp_path / "preset", preprocessor=None)
+    reloaded = reload_preset(model, tmp_path)
     assert all(
         layer.quantization_mode == "int8" for layer in feed_forward_layers(reloaded)
     )
     np.testing.assert_allclose(to_numpy(reloaded(inputs)), logits, rtol=1e-5, atol=1e-5)
-    path = str(tmp_path / "quantized.keras")
-    model.save(path)
-    restored = keras.saving.load_model(path, safe_mode=True)
+    restored = reload_keras_file(model, tmp_path)
     np.testing.assert_allclose(to_numpy(restored(inputs)), logits, rtol=1e-5, atol=1e-5)
 
 
@@ -324,9 +312,7 @@ def test_float8_experts_train_and_round_trip(tmp_path):
         assert to_numpy(history_variable).max() > 0, suffix
     outputs = to_numpy(model(x))
     assert correlation(outputs, expected) > 0.9
-    path = str(tmp_path / "float8.keras")
-    model.save(path)
-    restored = keras.saving.load_model(path, safe_mode=True)
+    restored = reload_keras_file(model, tmp_path)
     assert restored.get_layer("moe").experts.quantization_mode == "float8"
     np.testing.assert_allclose(to_numpy(restored(x)), outputs, rtol=1e-5, atol=1e-5)
 
@@ -373,9 +359,7 @@ def test_lora_on_experts_trains_only_the_lora_weights(quantized, tmp_path):
     assert not np.allclose(after, before)
 
     # Saving merges the adaptation into the kernels, as Keras does.
-    path = str(tmp_path / "lora.keras")
-    model.save(path)
-    restored = keras.saving.load_model(path, safe_mode=True)
+    restored = reload_keras_file(model, tmp_path)
     tolerance = 0.05 if quantized else 1e-4  # int8 re-quantizes the merge
     np.testing.assert_allclose(
         to_numpy(restored(inputs)), after, atol=tolerance * np.abs(after).max()
@@ -390,9 +374,7 @@ def test_lora_rank_survives_a_standalone_layer_config(tmp_path):
     assert {w.name for w in layer.trainable_weights} == {
         f"{name}_kernel_lora_{ab}" for name in ("gate", "up", "down") for ab in "ab"
     }
-    path = str(tmp_path / "ffn.keras")
-    model.save(path)
-    restored = keras.saving.load_model(path, safe_mode=True).get_layer("ffn")
+    restored = reload_keras_file(model, tmp_path).get_layer("ffn")
     assert restored.lora_enabled and restored.lora_alpha == 6.0
 
 

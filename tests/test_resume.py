@@ -21,10 +21,13 @@ import pytest
 
 HELPER = Path(__file__).resolve().parent / "resume_training.py"
 
-pytestmark = pytest.mark.skipif(
-    keras.backend.backend() not in ("tensorflow", "jax"),
-    reason="resuming is tested on TensorFlow and JAX",
-)
+pytestmark = [
+    pytest.mark.slow,  # training runs in subprocesses
+    pytest.mark.skipif(
+        keras.backend.backend() not in ("tensorflow", "jax"),
+        reason="resuming is tested on TensorFlow and JAX",
+    ),
+]
 
 
 def start(backup_dir, output, *extra):

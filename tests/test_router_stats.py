@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 from keras import ops
 
-import moe_reference
-import routing_reference
 from script_backends import runs_on
 from keras_moe.callbacks import RouterStats
 from keras_moe.callbacks import collect_router_stats
@@ -28,6 +26,9 @@ from keras_moe.layers import SoftMoE
 from keras_moe.layers import SparseMoE
 from keras_moe.ops.router_stats import COMPACT_STATS
 from keras_moe.ops.router_stats import max_violation
+from testing import moe_reference
+from testing import reload_keras_file
+from testing import routing_reference
 
 BACKEND = keras.backend.backend()
 HIDDEN_DIM = 6
@@ -531,9 +532,7 @@ def test_keras_file_round_trip_keeps_outputs_and_tracking(tmp_path):
     model = compiled_model()
     x, y = token_data()
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    path = str(tmp_path / "model.keras")
-    model.save(path)
-    restored = keras.models.load_model(path, safe_mode=True)
+    restored = reload_keras_file(model, tmp_path)
     np.testing.assert_allclose(
         ops.convert_to_numpy(restored(x)), ops.convert_to_numpy(model(x)),
         rtol=1e-6, atol=1e-6,

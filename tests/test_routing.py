@@ -6,21 +6,24 @@ gating tree (HierarchicalMoE), shared experts (DeepSeekMoE, Qwen-MoE),
 jitter and noisy gating, and the sequence-wise balance loss.
 """
 
-import os
 
 import keras
 import numpy as np
 import pytest
 from keras import ops
 
-import moe_reference
-import routing_reference
-from backend_grads import value_and_grads
 from keras_moe.layers import HierarchicalMoE
 from keras_moe.layers import SharedExpertMoE
 from keras_moe.layers import SparseMoE
 from keras_moe.layers import TopKRouter
 from keras_moe.ops.dispatch import compute_expert_choice_plan
+from testing import check_gradients
+from testing import moe_reference
+from testing import reload_keras_file
+from testing import routing_reference
+from testing import run_layer_test
+from testing import to_numpy
+from testing import value_and_grads
 
 HIDDEN_DIM = 6
 
@@ -41,10 +44,6 @@ def expert_arrays(arrays, prefix="experts/"):
     return {
         key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)
     }
-
-
-def to_numpy(x):
-    return ops.convert_to_numpy(x)
 
 
 def dense_ffn(tokens, arrays, activation, gated):
@@ -250,9 +249,7 @@ def test_bias_balancing_under_fit_and_saving(tmp_path):
     np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
     assert np.abs(bias).max() > 0.02
     assert abs(bias.sum()) < 0.01 * 8 * 8  # favours some, penalises others
-    path = str(tmp_path / "model.keras")
-    model.save(path)
-    restored = keras.saving.load_model(path, safe_mode=True)
+    restored = reload_keras_file(model, tmp_path)
     np.testing.assert_array_equal(
         to_numpy(restored.get_layer("moe").router.expert_bias), bias
     )
@@ -282,42 +279,13 @@ def test_token_choice_gradients_match_finite_differences(case):
         reference = token_choice_reference(layer, arrays, tokens64, None, expert_bias)
         return reference["outputs"], 0.1 * reference["aux_loss"]
 
-    check_gradients(layer, tokens, arrays, reference_objective, rng)
+    check_layer_gradients(layer, tokens, arrays, reference_objective, rng)
 
 
-def check_gradients(layer, tokens, arrays, reference_objective, rng, **call_kwargs):
-    """Input and weight gradients of `sum(out * c) + losses` vs finite differences.
-
-    `reference_objective(tokens64)` returns `(outputs, loss_total)` from the
-    float64 reference reading `arrays` (perturbed in place).
-    """
-    cotangent = rng.normal(size=tokens.shape)
-
-    def objective(outputs, losses):
-        total = ops.sum(outputs * ops.convert_to_tensor(cotangent, outputs.dtype))
-        for loss in losses:
-            total = total + loss
-        return total
-
-    _, input_grad, weight_grads = value_and_grads(
-        layer, tokens, objective, training=True, **call_kwargs
-    )
-    tokens64 = tokens.astype("float64")
-
-    def scalar():
-        outputs, loss = reference_objective(tokens64)
-        return np.sum(outputs * cotangent) + loss
-
-    expected = moe_reference.numerical_gradient(scalar, tokens64)
-    np.testing.assert_allclose(input_grad, expected, rtol=2e-3, atol=2e-4)
-    prefix = layer.name + "/"
-    assert sorted(weight_grads) == sorted(prefix + key for key in arrays)
-    for key, array in arrays.items():
-        expected = moe_reference.numerical_gradient(scalar, array)
-        np.testing.assert_allclose(
-            weight_grads[prefix + key], expected, rtol=2e-3, atol=2e-4, err_msg=key
-        )
-        assert np.abs(expected).max() > 1e-4, f"{key} gradient is trivially zero"
+def check_layer_gradients(layer, tokens, arrays, reference_objective, rng):
+    """`check_gradients` of a training call, `arrays` keyed as `randomize`'s."""
+    weights = {f"{layer.name}/{key}": array for key, array in arrays.items()}
+    check_gradients(layer, tokens, weights, reference_objective, rng, training=True)
 
 
 # Expert choice.
@@ -392,7 +360,7 @@ def test_expert_choice_gradients_match_finite_differences():
         log_z = np.log(np.exp(logits).sum(-1))
         return outputs, 0.01 * np.mean(log_z**2)
 
-    check_gradients(layer, tokens, arrays, reference_objective, rng)
+    check_layer_gradients(layer, tokens, arrays, reference_objective, rng)
 
 
 def test_expert_choice_refuses_a_causal_decoder():
@@ -463,7 +431,7 @@ def test_hierarchical_moe_gradients_match_finite_differences():
         reference = hierarchical_reference(layer, arrays, tokens64, None)
         return reference["outputs"], 0.01 * reference["aux_loss"]
 
-    check_gradients(layer, tokens, arrays, reference_objective, rng)
+    check_layer_gradients(layer, tokens, arrays, reference_objective, rng)
 
 
 # Shared experts.
@@ -496,7 +464,7 @@ def test_shared_expert_moe_matches_reference_and_gradients(shared_expert_gate):
     np.testing.assert_allclose(
         to_numpy(layer(tokens)), expected, rtol=1e-4, atol=1e-5
     )
-    check_gradients(layer, tokens, arrays, reference_objective, rng)
+    check_layer_gradients(layer, tokens, arrays, reference_objective, rng)
 
 
 def test_shared_experts_ignore_padding():
@@ -575,37 +543,31 @@ def test_sequence_balance_loss_matches_reference():
 
 
 LAYERS = {
-    "deepseek_v3_routing": lambda: SparseMoE(
-        8, 4, top_k=2, score_function="sigmoid", expert_groups=4, top_groups=2,
-        bias_update_rate=0.001, routed_scaling_factor=2.5, jitter=0.01,
-        noisy_gating=True, sequence_aux_loss_weight=1e-4, seed=5,
-    ),
-    "expert_choice": lambda: SparseMoE(4, 4, routing="expert_choice"),
-    "shared": lambda: SharedExpertMoE(
-        8, 4, num_shared_experts=2, shared_intermediate_dim=12,
-        shared_expert_gate=True, top_k=3, score_function="sigmoid",
-    ),
-    "hierarchical": lambda: HierarchicalMoE(
-        2, 4, 4, top_groups=2, top_k=1, normalize_top_k=True, z_loss_weight=0.01
-    ),
+    "deepseek_v3_routing": (SparseMoE, dict(
+        num_experts=8, intermediate_dim=4, top_k=2, score_function="sigmoid",
+        expert_groups=4, top_groups=2, bias_update_rate=0.001,
+        routed_scaling_factor=2.5, jitter=0.01, noisy_gating=True,
+        sequence_aux_loss_weight=1e-4, seed=5,
+    )),
+    "expert_choice": (SparseMoE, dict(num_experts=4, intermediate_dim=4,
+                                      routing="expert_choice")),
+    "shared": (SharedExpertMoE, dict(
+        num_experts=8, intermediate_dim=4, num_shared_experts=2,
+        shared_intermediate_dim=12, shared_expert_gate=True, top_k=3,
+        score_function="sigmoid",
+    )),
+    "hierarchical": (HierarchicalMoE, dict(
+        num_groups=2, experts_per_group=4, intermediate_dim=4, top_groups=2,
+        top_k=1, normalize_top_k=True, z_loss_weight=0.01,
+    )),
 }
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_config_and_keras_file_round_trip(name, tmp_path):
-    layer = LAYERS[name]()
-    config = layer.get_config()
-    assert type(layer).from_config(config).get_config() == config
-    inputs = keras.Input((5, 8))
-    model = keras.Model(inputs, layer(inputs))
+    layer_class, init_kwargs = LAYERS[name]
     x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype("float32")
-    model(x, training=True)  # moves any balancing bias away from zero
-    path = str(tmp_path / f"{name}.keras")
-    model.save(path)
-    restored = keras.saving.load_model(path, safe_mode=True)
-    for original, loaded in zip(model.weights, restored.weights):
-        np.testing.assert_array_equal(to_numpy(original), to_numpy(loaded))
-    np.testing.assert_allclose(to_numpy(restored(x)), to_numpy(model(x)), atol=1e-6)
+    run_layer_test(layer_class, init_kwargs, x, tmp_path=tmp_path)
 
 
 @pytest.mark.parametrize(

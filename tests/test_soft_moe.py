@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from keras import ops
 
-import moe_reference
-from backend_grads import value_and_grads
 from keras_moe.layers.soft_moe import SoftMoE
+from testing import check_gradients
+from testing import moe_reference
+from testing import run_layer_test
+from testing import value_and_grads
 
 HIDDEN_DIM = 6
 NUM_EXPERTS = 3
@@ -196,36 +198,21 @@ def test_gradients_match_finite_differences(use_bias, masked):
     if masked:
         mask = np.ones((2, 5), dtype=bool)
         mask[0, 3:] = False
-    cotangent = rng.normal(size=inputs.shape)
 
-    def objective(outputs, losses):
-        assert not losses  # Soft MoE has no auxiliary loss.
-        return ops.sum(outputs * ops.convert_to_tensor(cotangent, outputs.dtype))
-
-    _, input_grad, weight_grads = value_and_grads(layer, inputs, objective, mask=mask)
-
-    tokens = inputs.astype("float64")
-
-    def reference_objective():
-        reference = reference_for(layer, arrays, tokens, mask)
-        return np.sum(reference["outputs"] * cotangent)
-
-    expected_input_grad = moe_reference.numerical_gradient(reference_objective, tokens)
-    np.testing.assert_allclose(input_grad, expected_input_grad, rtol=2e-3, atol=2e-4)
-    if masked:
-        assert np.all(input_grad[~mask] == 0.0)
+    def reference_objective(inputs64):
+        return reference_for(layer, arrays, inputs64, mask)["outputs"], 0.0
 
     paths = {"slot_kernel": layer.slot_kernel.path, "scale": layer.scale.path}
     for name in arrays:
         if name not in paths:
             paths[name] = getattr(layer.experts, name).path
-    assert sorted(paths.values()) == sorted(weight_grads)
-    for name, path in paths.items():
-        expected = moe_reference.numerical_gradient(reference_objective, arrays[name])
-        np.testing.assert_allclose(
-            weight_grads[path], expected, rtol=2e-3, atol=2e-4, err_msg=name
-        )
-        assert np.abs(expected).max() > 1e-3, f"{name} gradient is trivially zero"
+    input_grad = check_gradients(
+        layer, inputs, {paths[name]: array for name, array in arrays.items()},
+        reference_objective, rng, min_gradient=1e-3, mask=mask,
+    )
+    assert not layer.losses  # Soft MoE has no auxiliary loss.
+    if masked:
+        assert np.all(input_grad[~mask] == 0.0)
 
 
 def test_permuting_tokens_permutes_outputs():
@@ -431,23 +418,16 @@ def test_get_config_round_trip():
 
 
 def test_keras_file_round_trip(tmp_path):
-    rng = np.random.default_rng(11)
-    inputs = keras.Input((7, HIDDEN_DIM))
-    hidden = keras.layers.Dense(HIDDEN_DIM)(inputs)
-    outputs = keras.layers.Add()(
-        [hidden, SoftMoE(NUM_EXPERTS, 4, slots_per_expert=2, gated=False)(hidden)]
+    data = np.random.default_rng(11).normal(size=(3, 7, HIDDEN_DIM)).astype("float32")
+    run_layer_test(
+        SoftMoE,
+        dict(num_experts=NUM_EXPERTS, intermediate_dim=4, slots_per_expert=2, gated=False),
+        data,
+        # Not the initial value, so loading must restore it.
+        before_saving=lambda layer: layer.scale.assign(3.0),
+        mask=padding_mask(),
+        tmp_path=tmp_path,
     )
-    model = keras.Model(inputs, outputs)
-    soft = next(layer for layer in model.layers if isinstance(layer, SoftMoE))
-    soft.scale.assign(3.0)  # Not the initial value, so loading must restore it.
-    data = rng.normal(size=(3, 7, HIDDEN_DIM)).astype("float32")
-    expected = ops.convert_to_numpy(model(data))
-    path = str(tmp_path / "soft_moe.keras")
-    model.save(path)
-    restored = keras.saving.load_model(path, safe_mode=True)
-    np.testing.assert_array_equal(ops.convert_to_numpy(restored(data)), expected)
-    restored_soft = next(l for l in restored.layers if isinstance(l, SoftMoE))
-    assert restored_soft.get_config() == soft.get_config()
 
 
 @pytest.mark.parametrize(

@@ -145,21 +145,3 @@ def sparse_moe(
         "aux_loss": aux_loss,
         "z_loss": z_loss,
     }
-
-
-def numerical_gradient(objective, array, epsilon=1e-6):
-    """Central finite differences of a scalar `objective()` w.r.t. `array`.
-
-    `array` is perturbed in place (and restored), so `objective` reads it.
-    """
-    gradient = np.zeros_like(array)
-    flat, flat_grad = array.reshape(-1), gradient.reshape(-1)
-    for i in range(flat.size):
-        original = flat[i]
-        flat[i] = original + epsilon
-        plus = objective()
-        flat[i] = original - epsilon
-        minus = objective()
-        flat[i] = original
-        flat_grad[i] = (plus - minus) / (2 * epsilon)
-    return gradient

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-import moe_reference
+from testing import moe_reference
 
 
 def sigmoid(x):

@@ -46,12 +46,12 @@ demo: install
 # `make test-fast` is `make test` without the `slow` end-to-end runs
 # (scripts, subprocesses): the quick local loop. CI runs `make test`.
 TEST_OUTPUT := $(or $(TMPDIR),/tmp)/keras-moe-tests
-JAX_WORKERS := -n 2 --dist loadfile
+XDIST_WORKERS := -n 2 --dist loadfile
 test: install
 	@rm -rf $(TEST_OUTPUT); mkdir -p $(TEST_OUTPUT); \
 	for backend in $(BACKENDS); do \
 	  echo "started: pytest with KERAS_BACKEND=$$backend"; \
-	  workers=""; test $$backend != jax || workers="$(JAX_WORKERS)"; \
+	  workers=""; test $$backend != jax || workers="$(XDIST_WORKERS)"; \
 	  ( KERAS_BACKEND=$$backend $(PY) -m pytest tests $$workers $(PYTEST_ARGS) \
 	      --basetemp=$(TEST_OUTPUT)/tmp-$$backend \
 	      > $(TEST_OUTPUT)/$$backend.log 2>&1; \
@@ -63,8 +63,14 @@ test: install
 	  test "$$(cat $(TEST_OUTPUT)/$$backend.status)" = 0 || status=1; \
 	done; exit $$status
 
-test-fast:
-	@$(MAKE) --no-print-directory test PYTEST_ARGS='-m "not slow" $(PYTEST_ARGS)'
+# The quick local loop: the unit tests without those marked `slow` (guides,
+# examples, benchmark smoke runs, subprocess and multi-process runs), on one
+# backend over two pytest-xdist workers. PyTorch by default, whose eager
+# steps are the quickest here; `make test-fast FAST_BACKEND=jax` picks
+# another. `make test` (and CI) still runs everything on all three.
+FAST_BACKEND ?= torch
+test-fast: install
+	KERAS_BACKEND=$(FAST_BACKEND) $(PY) -m pytest tests $(XDIST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 test-%: install
 	KERAS_BACKEND=$* $(PY) -m pytest tests $(PYTEST_ARGS)

@@ -427,6 +427,50 @@ def test_unsupported_model_type_is_named(tmp_path):
         presets.load(tmp_path)
 
 
+# --- The family registry: adding a family is adding one class ------------
+
+
+def test_a_family_registered_from_outside_loads_and_exports(
+    checkpoints, tmp_path, monkeypatch
+):
+    from keras_moe.convert import registry
+    from keras_moe.convert.families.mixtral import Mixtral
+
+    class RenamedMixtral(Mixtral):
+        model_type = "renamed_mixtral"
+        architecture = "RenamedMixtralForCausalLM"
+
+        def describes(self, backbone, moe):
+            return False  # Mixtral keeps the models it describes.
+
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+    registry.register(RenamedMixtral())
+    directory, expected = checkpoints["mixtral"]
+    renamed = copy_checkpoint(directory, tmp_path / "renamed")
+    config = json.loads((renamed / "config.json").read_text())
+    write_config(renamed, {**config, "model_type": "renamed_mixtral"})
+
+    model = presets.load(renamed, preprocessor=None)
+    token_ids, padding_mask = padded_batch()
+    logits = keras_logits(model, token_ids, padding_mask)
+    assert max_difference(logits, expected, padding_mask) < TOLERANCE
+    convert.to_transformers(model, tmp_path / "out", model_type="renamed_mixtral")
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert exported["model_type"] == "renamed_mixtral"
+    assert exported["architectures"] == ["RenamedMixtralForCausalLM"]
+    # Without a model_type, export still picks the family that describes it.
+    assert convert.transformers_config(model.backbone)["model_type"] == "mixtral"
+
+
+def test_a_model_no_family_describes_is_named(checkpoints, monkeypatch):
+    from keras_moe.convert import registry
+
+    model = presets.load(checkpoints["mixtral"][0], preprocessor=None)
+    monkeypatch.setattr(registry, "_FAMILIES", {})
+    with pytest.raises(ConversionError, match="No supported model type describes"):
+        convert.to_transformers(model, "unused")
+
+
 @pytest.mark.parametrize(
     "field, value",
     [

@@ -2,6 +2,7 @@
 
 import math
 
+import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -118,6 +119,36 @@ def test_capacity_formula(num_tokens, num_experts, top_k, capacity_factor):
     )
     assert int(ops.convert_to_numpy(dynamic)) == expected
     assert expert_capacity(num_tokens, num_experts, top_k, None) == num_tokens
+    if keras.backend.backend() == "jax":
+        # And when it is a symbolic dimension (`model.export` traces the
+        # batch size as one): the capacity sizes a buffer.
+        import jax
+        from jax import export
+
+        def buffer(tokens):
+            capacity = expert_capacity(
+                tokens.shape[0], num_experts, top_k, capacity_factor
+            )
+            return jax.numpy.zeros((capacity,))
+
+        (symbolic_tokens,) = export.symbolic_shape("tokens")
+        exported = export.export(jax.jit(buffer))(
+            jax.ShapeDtypeStruct((symbolic_tokens,), "float32")
+        )
+        assert exported.call(np.zeros(num_tokens, "float32")).shape == (expected,)
+
+
+def test_expert_counts_are_exact_integers():
+    rng = np.random.default_rng(3)
+    expert_ids = random_choices(rng, 2, 50, 6, 2, skew=1.0)
+    plan = compute_dispatch_plan(expert_ids, 6, capacity=4)
+    # Counted in int32 (float32 sums stop being exact at 2**24 choices).
+    assert ops.convert_to_numpy(plan.expert_counts).dtype == np.int32
+    for group in range(2):
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(plan.expert_counts)[group],
+            np.bincount(expert_ids[group].reshape(-1), minlength=6),
+        )
 
 
 def test_dropless_plan_keeps_everything_and_sizes_buffers_by_busiest_expert():

@@ -388,6 +388,11 @@ VALUE_ERROR_CASES = {
         lambda tmp: _backbone(moe_options={"num_experts": 4}),
         "`moe_options` cannot set ['num_experts']: the backbone sets them",
     ),
+    "backbone_moe_options_unknown": (
+        lambda tmp: _backbone(moe_options={"capacity_factr": 1.0}),
+        "Unknown `moe_options` key 'capacity_factr': `moe_options` holds "
+        "`SparseMoE` arguments. 'capacity_factr': did you mean 'capacity_factor'",
+    ),
     "backbone_dropout": (lambda tmp: _backbone(dropout=1.0), "`dropout` must be in [0, 1). Received: dropout=1.0"),
     "backbone_moe_layers_range": (
         lambda tmp: _backbone(moe_layers=[0, 2]),

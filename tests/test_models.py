@@ -10,6 +10,7 @@ import pytest
 from keras import ops
 
 from keras_moe.layers import FeedForward
+from keras_moe.layers import SharedExpertMoE
 from keras_moe.layers import SparseMoE
 from keras_moe.models import GroupedQueryAttention
 from keras_moe.models import MoEBackbone
@@ -18,15 +19,12 @@ from keras_moe.models import MoECausalLMPreprocessor
 from keras_moe.models import MoETokenizer
 from keras_moe.models import MultiHeadLatentAttention
 from keras_moe.models import is_moe_layer
+from keras_moe.models.weight_structure import backbone_weights
+from keras_moe.presets import count_params
 from testing import reload_keras_file
 from testing import run_backbone_test
 from testing import tiny_backbone_config
 from testing import to_numpy
-
-try:
-    from keras_moe.layers.shared_expert_moe import SharedExpertMoE
-except ImportError:
-    SharedExpertMoE = None
 
 VOCABULARY_SIZE = 32
 DROPLESS = {"capacity_factor": None}
@@ -232,7 +230,6 @@ def test_moe_options_reach_the_moe_layers():
     assert moe.experts.activation == "gelu" and not moe.experts.gated
 
 
-@pytest.mark.skipif(SharedExpertMoE is None, reason="SharedExpertMoE not available")
 def test_shared_experts_build_shared_expert_moe_layers():
     backbone = MoEBackbone(
         **tiny_config(
@@ -374,46 +371,6 @@ def test_attention_weight_names_and_shapes():
 # Parameter count contract (the module docstring of moe_backbone).
 
 
-def expected_param_count(c):
-    d, vocab = c["hidden_dim"], c["vocabulary_size"]
-    gated = c.get("ffn_gated", True)
-    total = vocab * d * (1 if c.get("tie_word_embeddings") else 2) + d
-    heads = c["num_query_heads"]
-    if c.get("attention_type", "gqa") == "gqa":
-        kv_heads = c.get("num_key_value_heads") or heads
-        head_dim = c.get("head_dim") or d // heads
-        attention = d * heads * head_dim + 2 * d * kv_heads * head_dim
-        attention += heads * head_dim * d
-        if c.get("attention_bias"):
-            attention += heads * head_dim + 2 * kv_heads * head_dim
-        if c.get("use_qk_norm"):
-            attention += 2 * head_dim
-    else:
-        nope, rope, v = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
-        kv_lora, q_lora = c["kv_lora_rank"], c.get("q_lora_rank")
-        if q_lora:
-            attention = d * q_lora + q_lora + q_lora * heads * (nope + rope)
-        else:
-            attention = d * heads * (nope + rope)
-        attention += d * (kv_lora + rope) + kv_lora + kv_lora * heads * (nope + v)
-        attention += heads * v * d
-    projections = 3 if gated else 2
-    for i in range(c["num_layers"]):
-        total += 2 * d + attention
-        if is_moe_layer(i, c.get("first_k_dense", 0), c.get("moe_layer_frequency", 1)):
-            experts, width = c["num_experts"], c["moe_intermediate_dim"]
-            total += d * experts + experts * projections * d * width
-            shared = c.get("num_shared_experts", 0)
-            if shared:
-                shared_width = c.get("shared_intermediate_dim") or shared * width
-                total += projections * d * shared_width
-                if c.get("shared_expert_gate"):
-                    total += d
-        else:
-            total += projections * d * c["intermediate_dim"]
-    return total
-
-
 PARAM_CONFIGS = {
     "mixtral_like": tiny_config(),
     "qwen_like": tiny_config(
@@ -424,21 +381,23 @@ PARAM_CONFIGS = {
     "plain_ffn": tiny_config(ffn_gated=False, ffn_activation="relu", first_k_dense=1),
     "deepseek_like": tiny_config(num_layers=3, first_k_dense=1, **MLA),
     "deepseek_v2_lite_like": tiny_config(**{**MLA, "q_lora_rank": None}),
-}
-if SharedExpertMoE is not None:
-    PARAM_CONFIGS["shared_experts"] = tiny_config(
-        num_shared_experts=2, first_k_dense=1, **MLA
-    )
-    PARAM_CONFIGS["shared_expert_gate"] = tiny_config(
+    "shared_experts": tiny_config(num_shared_experts=2, first_k_dense=1, **MLA),
+    "shared_expert_gate": tiny_config(
         num_shared_experts=1, shared_intermediate_dim=12, shared_expert_gate=True
-    )
+    ),
+}
 
 
 @pytest.mark.parametrize("name", sorted(PARAM_CONFIGS))
-def test_parameter_count_follows_the_documented_weights(name):
-    config = PARAM_CONFIGS[name]
-    backbone = MoEBackbone(**config)
-    assert backbone.count_params() == expected_param_count(config)
+def test_weight_structure_lists_every_weight_of_the_built_backbone(name):
+    # The one description of the weights, which `count_params` sums and the
+    # checkpoint mapping follows, against what Keras builds.
+    backbone = MoEBackbone(**PARAM_CONFIGS[name])
+    described = backbone_weights(backbone.get_config())
+    assert [(w.path, tuple(w.shape)) for w in described] == [
+        (w.path, tuple(w.shape)) for w in backbone.weights
+    ]
+    assert count_params(backbone.get_config())["total"] == backbone.count_params()
 
 
 # ---------------------------------------------------------------------------
@@ -683,3 +642,49 @@ def test_preprocessor_packs_with_special_tokens():
 def test_bad_configs_raise_value_errors_naming_the_argument(overrides, argument):
     with pytest.raises(ValueError, match=argument):
         MoEBackbone(**tiny_config(**overrides))
+
+
+
+def test_tokenized_inputs_pass_through_an_attached_preprocessor():
+    keras.utils.set_random_seed(0)
+    causal_lm = tiny_text_lm(num_layers=1)
+    causal_lm.compile(optimizer=keras.optimizers.Adam(1e-2), sampler="greedy")
+    corpus = ["the quick brown fox.", "jumps over"]
+    # Reference: what the preprocessor makes of the text.
+    x, y, sample_weight = causal_lm.preprocessor(corpus)
+    x = {key: to_numpy(value) for key, value in x.items()}
+    y, sample_weight = to_numpy(y), to_numpy(sample_weight)
+
+    # Refused up front, naming what to pass.
+    with pytest.raises(ValueError, match=r"received `y=None`.*token_ids\[:, 1:\]"):
+        causal_lm.fit(x, batch_size=2, verbose=0)
+    with pytest.raises(ValueError, match=r"received `y=None`"):
+        causal_lm.evaluate(x, batch_size=2, verbose=0)
+    keys = r"keys \['token_ids', 'padding_mask'\]"
+    with pytest.raises(ValueError, match=keys + r".*missing \['padding_mask'\]"):
+        causal_lm.fit({"token_ids": x["token_ids"]}, y, verbose=0)
+    with pytest.raises(ValueError, match=r"unexpected \['labels'\]"):
+        causal_lm.predict({**x, "labels": y}, verbose=0)
+    with pytest.raises(ValueError, match="padding_mask.*shape of `token_ids`"):
+        causal_lm.preprocessor(
+            {"token_ids": x["token_ids"], "padding_mask": x["padding_mask"][:, :3]}
+        )
+    with pytest.raises(ValueError, match=r"takes prompts as strings.*preprocessor = None"):
+        causal_lm.generate(x)
+
+    # Accepted as they are: the same loss as the text they came from.
+    from_text = causal_lm.evaluate(corpus, batch_size=2, verbose=0, return_dict=True)
+    from_ids = causal_lm.evaluate(
+        x, y, sample_weight=sample_weight, batch_size=2, verbose=0, return_dict=True
+    )
+    assert from_ids["loss"] == pytest.approx(from_text["loss"], rel=1e-5)
+    history = causal_lm.fit(x, y, sample_weight=sample_weight, batch_size=2, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+    # A dataset cannot be checked up front: the missing labels are caught in
+    # the step (after which a JAX model holds no weights until rebuilt).
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices(x).batch(2)
+    with pytest.raises(ValueError, match=r"received `y=None`"):
+        causal_lm.evaluate(dataset, verbose=0)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+from keras_moe import presets
 from keras_moe.layers import Experts
 from keras_moe.layers import FeedForward
 from keras_moe.layers import HierarchicalMoE
@@ -21,6 +22,8 @@ from keras_moe.layers import SharedExpertMoE
 from keras_moe.layers import SoftMoE
 from keras_moe.layers import SparseMoE
 from keras_moe.layers.feed_forward_weights import FeedForwardWeights
+from keras_moe.models.grouped_query_attention import GroupedQueryAttention
+from keras_moe.models.multi_head_latent_attention import MultiHeadLatentAttention
 import testing
 from testing import load_preset
 from testing import reload_keras_file
@@ -180,13 +183,128 @@ def test_weight_only_int8_survives_saving_inside_a_moe_layer(tmp_path):
     np.testing.assert_array_equal(to_numpy(restored(x)), outputs)
 
 
+@pytest.mark.parametrize("mode", ["int8", "float8"])
+def test_saved_mode_is_written_beside_the_weights_and_read_back(mode):
+    # A bank inside a MoE layer is rebuilt float (its config is not saved):
+    # the saved mode entry tells it what to become. Stores written without
+    # the entry (older files) are still read by their layout.
+    x = np.random.default_rng(2).normal(size=(2, 3, HIDDEN_DIM)).astype("float32")
+    experts = Experts(2, 4)
+    experts.build((2, None, HIDDEN_DIM))
+    experts.quantize(mode)
+    store = {}
+    experts.save_own_variables(store)
+    assert bytes(np.asarray(store["quantization_mode"])).decode() == mode
+    outputs = to_numpy(experts(x))
+    for saved in (store, {k: v for k, v in store.items() if k != "quantization_mode"}):
+        restored = Experts(2, 4)
+        restored.build((2, None, HIDDEN_DIM))
+        restored.load_own_variables(saved)
+        assert restored.quantization_mode == mode
+        np.testing.assert_array_equal(to_numpy(restored(x)), outputs)
+    float_store = {}
+    float_experts = Experts(2, 4)
+    float_experts.build((2, None, HIDDEN_DIM))
+    float_experts.save_own_variables(float_store)
+    assert "quantization_mode" not in float_store
+
+
 def test_unsupported_modes_leave_the_kernels_float():
     experts = Experts(2, 4)
     experts.build((2, None, HIDDEN_DIM))
-    with pytest.raises(NotImplementedError, match="Supported modes: int8, float8"):
+    # A ValueError, not Keras' NotImplementedError, which `Model.quantize`
+    # would turn into a warning, skipping the experts.
+    with pytest.raises(ValueError, match="mode='int4'. Supported modes: 'int8', 'float8'"):
         experts.quantize("int4")
     assert experts.quantization_mode is None
     assert keras.backend.standardize_dtype(experts.up_kernel.dtype) == "float32"
+    inputs = keras.Input((6, HIDDEN_DIM))
+    model = keras.Model(inputs, SparseMoE(4, 8, capacity_factor=None)(inputs))
+    with pytest.raises(ValueError, match="`Experts` layer 'experts' cannot be quantized"):
+        model.quantize("int4")
+
+
+@pytest.mark.parametrize("name", ["mixtral_small", "deepseek_small"])
+@pytest.mark.filterwarnings("ignore:Layer .* does not have a `quantize`")
+def test_model_quantize_refuses_a_mode_the_experts_lack_before_changing_anything(name):
+    model = testing.tiny_preset(name)
+    dtypes = {w.path: w.dtype for w in model.weights}
+    for quantizable in (model, model.backbone):
+        with pytest.raises(ValueError, match="mode='int4'. Supported modes: 'int8', 'float8'"):
+            quantizable.quantize("int4")
+    assert {w.path: w.dtype for w in model.weights} == dtypes
+    # The way out the message gives: quantize the other layers only.
+    model.quantize(
+        "int4", filters=lambda layer: not isinstance(layer, (Experts, FeedForward))
+    )
+    modes = {type(layer).__name__: layer.quantization_mode for layer in model._flatten_layers()}
+    assert modes["EinsumDense"] == "int4" and modes["Experts"] is None
+    assert np.isfinite(to_numpy(model(testing.token_batch()))).all()
+
+
+# Attention: cached (generation) and uncached calls agree in every mode.
+
+
+def _attention_layer(kind):
+    if kind == "gqa":
+        return GroupedQueryAttention(num_query_heads=4, num_key_value_heads=2)
+    return MultiHeadLatentAttention(
+        num_heads=2, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=2,
+        v_head_dim=4, q_lora_rank=6 if kind == "mla_q_lora" else None,
+    )
+
+
+ATTENTION_MODES = {
+    "float": None,
+    "int8": keras.quantizers.Int8QuantizationConfig(),
+    "int8_weight_only": keras.quantizers.Int8QuantizationConfig(activation_quantizer=None),
+    "float8": "float8",
+    "int4": keras.quantizers.Int4QuantizationConfig(),
+    "lora": None,
+    "int8_lora": keras.quantizers.Int8QuantizationConfig(),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(ATTENTION_MODES))
+@pytest.mark.parametrize("kind", ["gqa", "mla_q_lora"])
+@pytest.mark.filterwarnings("ignore:Layer .* does not have a `quantize`")
+def test_cached_attention_matches_the_full_pass_in_every_mode(kind, mode):
+    # Latent attention reads its `kv_b_proj` kernel directly when cached
+    # (weight absorption): a quantized kernel must be read with its scales
+    # and a LoRA adaptation included, or generation decodes garbage.
+    keras.utils.set_random_seed(0)
+    layer = _attention_layer(kind)
+    inputs = keras.Input((None, HIDDEN_DIM))
+    model = keras.Model(inputs, layer(inputs))
+    x = np.random.default_rng(0).normal(size=(2, 5, HIDDEN_DIM)).astype("float32")
+    float_outputs = to_numpy(layer(x))
+    config = ATTENTION_MODES[mode]
+    if config == "float8":
+        model.quantize("float8")
+    elif config is not None:
+        model.quantize(config=config)
+    if mode.endswith("lora"):
+        for projection in layer._flatten_layers():
+            if projection.name in ("value", "kv_b_proj"):
+                projection.enable_lora(2)
+                projection.lora_kernel_b.assign(
+                    np.random.default_rng(1).normal(size=projection.lora_kernel_b.shape)
+                )
+    outputs = to_numpy(layer(x))
+    # Quantized or adapted, the layer computes something else...
+    if mode != "float":
+        assert not np.allclose(outputs, float_outputs, atol=1e-3)
+    # ... and its cached calls compute the same: a 3-token prompt, then one
+    # token at a time.
+    cache = np.zeros((2,) + tuple(layer.cache_shape(5)), "float32")
+    step, cache = layer(x[:, :3], cache=cache, cache_update_index=0)
+    steps = [to_numpy(step)]
+    for index in (3, 4):
+        step, cache = layer(x[:, index : index + 1], cache=cache, cache_update_index=index)
+        steps.append(to_numpy(step))
+    np.testing.assert_allclose(
+        np.concatenate(steps, axis=1), outputs, atol=2e-5 * np.abs(outputs).max()
+    )
 
 
 def test_weight_quantizer_must_reduce_over_the_input_axis():
@@ -246,6 +364,43 @@ def test_quantize_reaches_every_feed_forward_and_leaves_routers_float(quantized_
     assert np.isfinite(logits).all()
     real = inputs["padding_mask"].astype(bool)
     assert correlation(logits[real], float_logits[real]) > 0.95
+
+
+def test_quantized_latent_attention_generates_the_argmax_of_the_full_pass(
+    quantized_preset,
+):
+    # Greedy generation reads the latent cache (weight absorption); each
+    # generated token must be the argmax of a full forward pass over the
+    # same sequence, as it is in float.
+    model, _, _ = quantized_preset
+    model.compile(sampler="greedy")
+    prompt = np.zeros((2, 10), "int32")
+    prompt[:, :4] = np.random.default_rng(6).integers(0, 64, size=(2, 4))
+    mask = (np.arange(10) < 4)[None].repeat(2, axis=0).astype("int32")
+    generated = model.generate(
+        {"token_ids": prompt, "padding_mask": mask}, stop_token_ids=None
+    )
+    token_ids = np.asarray(generated["token_ids"])
+    logits = to_numpy(model({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}))
+    np.testing.assert_array_equal(logits.argmax(-1)[:, 3:-1], token_ids[:, 4:])
+
+
+@pytest.mark.filterwarnings("ignore:Layer .* does not have a `quantize`")
+def test_quantize_and_lora_work_on_the_model_loaded_with_its_tokenizer():
+    # `presets.load(name)` attaches the byte tokenizer, a layer without
+    # weights that `model.quantize` must not refuse as unbuilt.
+    keras.utils.set_random_seed(0)
+    model = presets.load(
+        "mixtral_small", num_layers=1, hidden_dim=16, num_query_heads=2,
+        num_key_value_heads=1, moe_intermediate_dim=8,
+    )
+    assert model.preprocessor is not None
+    model.quantize("int8")
+    model.backbone.enable_lora(2)
+    assert model.trainable_weights
+    model.compile(sampler="greedy")
+    text = model.generate("def ", max_length=8)
+    assert isinstance(text, str) and text.startswith("def ")
 
 
 def test_quantized_preset_saves_and_loads(quantized_preset, tmp_path):

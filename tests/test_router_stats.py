@@ -581,6 +581,64 @@ def test_router_stats_table_measures_inference_and_restores_training_stats():
     assert image.dtype == np.uint8 and image.ndim == 3
 
 
+def read_router_events(run_dir, layer):
+    """`{step: {statistic: value}}` as written to the TensorBoard event files."""
+    import glob
+    import os
+
+    import tensorflow as tf
+
+    written = {}
+    prefix = f"router/{layer}/"
+    for path in glob.glob(os.path.join(run_dir, "events.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag.startswith(prefix):
+                    array = tf.make_ndarray(value.tensor)
+                    # Histograms: one [left, right, height] bucket per expert.
+                    array = array if array.ndim == 0 else array[:, 2]
+                    written.setdefault(event.step, {})[value.tag[len(prefix):]] = array
+    return written
+
+
+@pytest.mark.parametrize("update_freq", [2, 4])
+def test_batch_writes_are_means_of_the_steps_since_the_last_write_in_the_epoch(
+    tmp_path, update_freq
+):
+    # 3 steps per epoch, and an update_freq that does not divide it: writes
+    # straddle epoch resets. The reference is each step's statistics measured
+    # by a forward pass of its own (learning rate 0: every step sees the
+    # same weights).
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 8))
+    model = keras.Model(inputs, SparseMoE(4, 16, top_k=2, name="moe")(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    x = np.random.default_rng(0).normal(size=(12, 4, 8)).astype("float32")
+    model.fit(
+        x, x, batch_size=4, epochs=3, shuffle=False, verbose=0,
+        callbacks=[RouterStats(str(tmp_path), update_freq=update_freq)],
+    )
+    per_step = []
+    metric = model.get_layer("moe").router_stats
+    for batch in range(3):
+        metric.reset_state()
+        model(x[4 * batch : 4 * (batch + 1)], training=True)
+        per_step.append(metric.values())
+    written = read_router_events(str(tmp_path / "router"), "moe")
+    assert sorted(written) == list(range(update_freq, 10, update_freq))
+    for step, values in written.items():
+        # Global steps 1..9; the write at `step` covers the steps after the
+        # previous write, from the start of the epoch at the earliest.
+        first = max(step - update_freq + 1, (step - 1) // 3 * 3 + 1)
+        batches = [(s - 1) % 3 for s in range(first, step + 1)]
+        for name in ("aux_loss", "maxvio", "expert_load", "expert_importance"):
+            expected = np.mean([per_step[b][name] for b in batches], axis=0)
+            np.testing.assert_allclose(
+                values[name], expected, rtol=1e-4, atol=1e-6,
+                err_msg=f"{name} written at step {step}",
+            )
+
+
 @pytest.mark.parametrize("update_freq", ["weekly", 0, -3, 1.5, True, None])
 def test_bad_update_freq_is_refused(tmp_path, update_freq):
     with pytest.raises(ValueError, match="update_freq.*'epoch', 'batch' or a positive integer"):

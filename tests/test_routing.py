@@ -539,6 +539,28 @@ def test_sequence_balance_loss_matches_reference():
     np.testing.assert_allclose(loss, 0.5 * expected, rtol=1e-5)
 
 
+def test_sequence_balance_loss_of_a_rank_2_input_is_one_sequence():
+    rng = np.random.default_rng(14)
+    layer = SparseMoE(
+        6, 4, top_k=2, aux_loss_weight=0.0, sequence_aux_loss_weight=0.5,
+        capacity_factor=1.0,
+    )
+    layer.build((None, HIDDEN_DIM))
+    arrays = randomize(layer, rng)
+    tokens = rng.normal(size=(7, HIDDEN_DIM)).astype("float32")
+    mask = np.array([True] * 5 + [False] * 2)
+    layer(tokens, mask=mask, training=True)
+    (loss,) = [float(to_numpy(loss)) for loss in layer.losses]
+    ids, _, _, probs = routing_reference.token_choice(
+        tokens.astype("float64"), arrays["router/kernel"], top_k=2,
+        score_function="softmax",
+    )
+    expected = routing_reference.sequence_balance_loss(
+        probs[None], ids[None], mask[None]
+    )
+    np.testing.assert_allclose(loss, 0.5 * expected, rtol=1e-5)
+
+
 # Keras conventions.
 
 

@@ -120,3 +120,40 @@ PRESETS_PER_BACKEND = (
 @pytest.mark.parametrize("name", PRESETS_PER_BACKEND)
 def test_every_preset_round_trips_through_keras_files_and_presets(name, tmp_path):
     run_preset_test(name, tmp_path=tmp_path)
+
+
+def test_compiled_causal_lm_keeps_its_optimizer_and_sampler_through_a_keras_file(tmp_path):
+    import warnings
+
+    import keras_hub
+
+    from keras_moe.models import MoEBackbone
+    from keras_moe.models import MoECausalLM
+
+    keras.utils.set_random_seed(0)
+    backbone = MoEBackbone(
+        vocabulary_size=32, num_layers=1, hidden_dim=16, num_query_heads=2,
+        num_key_value_heads=1, intermediate_dim=16, num_experts=4, top_k=2,
+        moe_intermediate_dim=8, moe_options={"capacity_factor": None},
+    )
+    causal_lm = MoECausalLM(backbone)
+    causal_lm.compile(
+        optimizer=keras.optimizers.SGD(0.125, momentum=0.5),
+        sampler=keras_hub.samplers.TopPSampler(p=0.3),
+    )
+    x = {"token_ids": np.ones((2, 4), "int32"), "padding_mask": np.ones((2, 4), bool)}
+    causal_lm.fit(x, np.ones((2, 4), "int32"), verbose=0)
+    path = str(tmp_path / "causal_lm.keras")
+    causal_lm.save(path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*compile.*")
+        restored = keras.saving.load_model(path)
+    assert isinstance(restored.optimizer, keras.optimizers.SGD)
+    assert float(restored.optimizer.learning_rate) == 0.125
+    assert restored.optimizer.momentum == 0.5
+    assert isinstance(restored.sampler, keras_hub.samplers.TopPSampler)
+    assert restored.sampler.p == 0.3
+    # The optimizer state (step count, momenta) comes back too.
+    for saved, loaded in zip(causal_lm.optimizer.variables, restored.optimizer.variables):
+        np.testing.assert_array_equal(to_numpy(loaded), to_numpy(saved))
+    assert int(to_numpy(restored.optimizer.iterations)) == 1

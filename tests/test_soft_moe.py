@@ -504,3 +504,28 @@ def test_fit_lowers_the_loss():
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 6), (0, 3, 6)])
+def test_empty_inputs_give_empty_outputs(shape):
+    layer = SoftMoE(NUM_EXPERTS, 4)
+    layer.build((None, None, 6))
+    for training in (False, True):
+        outputs = layer(np.zeros(shape, "float32"), training=training)
+        assert tuple(outputs.shape) == shape
+    # Nothing was recorded from the empty batches: the statistics of the
+    # next batch are its own, finite.
+    assert layer.router_stats.values()["steps"] == 0
+    layer(np.ones((2, 3, 6), "float32"), training=True)
+    stats = layer.router_stats.values()
+    assert stats["steps"] == 1
+    assert all(np.isfinite(value).all() for value in stats.values())
+
+
+def test_mask_of_the_wrong_dimensions_is_refused():
+    layer = SoftMoE(NUM_EXPERTS, 4)
+    layer.build((None, None, 6))
+    with pytest.raises(
+        ValueError, match=r"leading dimensions of the inputs: \(2, 3\).*mask\.shape=\(3, 2\)"
+    ):
+        layer(np.zeros((2, 3, 6), "float32"), mask=np.ones((3, 2), bool))

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 from keras import ops
 
+from keras_moe.layers import HierarchicalMoE
+from keras_moe.layers import SharedExpertMoE
 from keras_moe.layers import SparseMoE
 from testing import check_gradients
 from testing import moe_reference
@@ -224,3 +226,47 @@ def test_any_leading_dimensions(leading_shape):
     np.testing.assert_allclose(
         outputs.reshape(-1, HIDDEN_DIM), reference["outputs"], rtol=1e-4, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("shape", [(2, 0, HIDDEN_DIM), (0, 5, HIDDEN_DIM)])
+@pytest.mark.parametrize(
+    "layer_class,arguments",
+    [
+        (SparseMoE, dict(num_experts=4, intermediate_dim=5)),
+        (SparseMoE, dict(num_experts=4, intermediate_dim=5, routing="expert_choice")),
+        (SharedExpertMoE, dict(num_experts=4, intermediate_dim=5, shared_expert_gate=True)),
+        (HierarchicalMoE, dict(num_groups=2, experts_per_group=2, intermediate_dim=5)),
+    ],
+    ids=["sparse", "expert_choice", "shared", "hierarchical"],
+)
+def test_empty_inputs_give_empty_outputs(layer_class, arguments, shape):
+    layer = layer_class(
+        **arguments, z_loss_weight=0.1, sequence_aux_loss_weight=0.1
+    )
+    layer.build((None, None, HIDDEN_DIM))
+    for training in (False, True):
+        outputs = layer(np.zeros(shape, "float32"), training=training)
+        assert tuple(outputs.shape) == shape
+        # Nothing routed: no loss (rather than a mean over no tokens, NaN)
+        # and no statistics recorded.
+        assert layer.losses == []
+    assert layer.router_stats.values()["steps"] == 0
+    # The layer still works on the next, non-empty batch.
+    inputs = np.ones((2, 3, HIDDEN_DIM), "float32")
+    outputs = layer(inputs, training=True)
+    assert np.isfinite(ops.convert_to_numpy(outputs)).all()
+    assert len(layer.losses) >= 1
+    stats = layer.router_stats.values()
+    assert stats["steps"] == 1
+    assert all(np.isfinite(value).all() for value in stats.values())
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 4), (3, 5), (5, 2)])
+def test_mask_of_the_wrong_dimensions_is_refused(mask_shape):
+    layer = SparseMoE(NUM_EXPERTS, 5)
+    with pytest.raises(
+        ValueError,
+        match=r"`mask` of shape \[\.\.\.\], the leading dimensions of the "
+        rf"inputs: \(2, 5\).*mask\.shape=\({mask_shape[0]}, {mask_shape[1]}\)",
+    ):
+        layer(np.zeros((2, 5, HIDDEN_DIM), "float32"), mask=np.ones(mask_shape, bool))

@@ -258,9 +258,11 @@ class RouterStats(keras.callbacks.Callback):
     expert's load relative to an even split, with a colour scale, so that a
     router collapsing onto a few experts shows at a glance.
 
-    Values are means over the training steps since the last write within the
-    epoch (`update_freq` batches), or over the epoch (`"epoch"`); the step
-    axis counts epochs, or batches from the start of training. Works on every
+    Values are means over the training steps since the last write or the
+    start of the epoch, whichever is later (with an integer `update_freq`
+    that does not divide the steps per epoch, a write early in an epoch
+    covers the steps of that epoch only), or over the epoch (`"epoch"`); the
+    step axis counts epochs, or batches from the start of training. Works on every
     backend (the summaries are written by TensorFlow's writer).
 
     Args:
@@ -353,16 +355,19 @@ class RouterStats(keras.callbacks.Callback):
 
     def _layer_values(self, metric, since_last_write):
         raw = metric.raw_values()
-        previous = self._previous.get(id(metric))
-        self._previous[id(metric)] = raw
+        previous_period, previous = self._previous.get(id(metric), (None, None))
+        self._previous[id(metric)] = (metric.period, raw)
         if (
             since_last_write
             and previous is not None
+            and previous_period == metric.period
             and previous.shape == raw.shape
             and raw[0] > previous[0]
         ):
-            # The accumulators hold sums since the epoch began: the steps
-            # since the last write are the difference.
+            # The accumulators hold sums since the last reset (the start of
+            # the epoch): within one period, the steps since the last write
+            # are the difference. After a reset the sums restart, and the
+            # previous write's sums belong to a finished period.
             raw = raw - previous
         return metric.values_from(raw)
 

@@ -23,12 +23,31 @@ from keras_moe.layers.projection_arguments import get_activation
 from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_int
 
-_QUANTIZATION_MODES = ("int8", "float8")
+# The `model.quantize` modes these kernels implement; Keras' others (int4,
+# gptq, awq) are refused, never skipped.
+QUANTIZATION_MODES = ("int8", "float8")
 # Saved after the int8 variables: whether the inputs are quantized too.
 _INPUTS_QUANTIZED = "inputs_quantized"
 # Saved beside the variables of a quantized layer: its quantization mode,
 # which the config of a layer built by another layer does not carry.
 _SAVED_MODE = "quantization_mode"
+
+
+def unsupported_mode_error(mode, layer=None):
+    """The `ValueError` for a quantization mode the kernels cannot take
+    (`layer`: the layer refusing it, `None` for a whole model's check)."""
+    who = (
+        f"`{type(layer).__name__}` layer {layer.name!r}"
+        if layer is not None
+        else "The expert and feed-forward layers (`Experts`, `FeedForward`)"
+    )
+    return ValueError(
+        f"{who} cannot be quantized to mode={mode!r}. Supported modes: "
+        f"{', '.join(repr(m) for m in QUANTIZATION_MODES)}. To quantize only "
+        "the other layers, pass `filters` that leave these out, e.g. "
+        "`model.quantize(mode, filters=lambda layer: not isinstance(layer, "
+        "(Experts, FeedForward)))`, both from `keras_moe.layers`."
+    )
 
 
 class FeedForwardWeights(keras.layers.Layer):
@@ -161,8 +180,8 @@ class FeedForwardWeights(keras.layers.Layer):
             )
         self.hidden_dim = int(input_shape[-1])
         mode = self.quantization_mode
-        if mode is not None and mode not in _QUANTIZATION_MODES:
-            raise self._quantization_mode_error(mode)
+        if mode is not None and mode not in QUANTIZATION_MODES:
+            raise unsupported_mode_error(mode, self)
         shapes = self._kernel_shapes()
         for variable_name in self._float_variable_names():
             name, kind = variable_name.rsplit("_", 1)
@@ -261,9 +280,11 @@ class FeedForwardWeights(keras.layers.Layer):
         docstring for what each mode stores.
 
         Args:
-            mode: `"int8"` or `"float8"`. Other Keras modes raise
-                `NotImplementedError` (which `Model.quantize` turns into a
-                warning).
+            mode: `"int8"` or `"float8"`. Other Keras modes (`"int4"`,
+                `"gptq"`, `"awq"`) raise a `ValueError` and leave the layer
+                float: `Model.quantize` would turn a `NotImplementedError`
+                into a warning and leave the experts, most of a MoE model's
+                memory, unquantized without a word.
             type_check: bool, refuse subclasses that change the forward
                 pass, as Keras' own layers do.
             config: optional `keras.quantizers.QuantizationConfig`; for int8,
@@ -273,12 +294,8 @@ class FeedForwardWeights(keras.layers.Layer):
         """
         if type_check and type(self).call is not FeedForwardWeights.call:
             raise self._not_implemented_error(self.quantize)
-        if mode not in _QUANTIZATION_MODES:
-            raise self._not_implemented_error(
-                self.quantize,
-                f"Supported modes: {', '.join(_QUANTIZATION_MODES)}. "
-                f"Received: mode={mode!r}",
-            )
+        if mode not in QUANTIZATION_MODES:
+            raise unsupported_mode_error(mode, self)
         self.quantization_config = config
         if mode == "int8":
             quantized = {
@@ -354,7 +371,7 @@ class FeedForwardWeights(keras.layers.Layer):
                         overwrite_with_gradient=True,
                     )
         else:
-            raise self._quantization_mode_error(mode)
+            raise unsupported_mode_error(mode, self)
         self._is_quantized = True
 
     def _add_projection_weight(self, name, shape, initializer, **kwargs):
@@ -388,7 +405,7 @@ class FeedForwardWeights(keras.layers.Layer):
             return
         mode = self.quantization_mode
         if mode not in self.variable_serialization_spec:
-            raise self._quantization_mode_error(mode)
+            raise unsupported_mode_error(mode, self)
         merged = {}
         if self.lora_enabled:
             for name in self.projections:

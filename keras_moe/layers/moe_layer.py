@@ -216,11 +216,18 @@ class MoELayer(keras.layers.Layer):
         """The padding mask as bool `[...]` (the leading dims), or None."""
         if mask is None:
             return None
-        if len(mask.shape) != len(inputs.shape) - 1:
+        expected = tuple(inputs.shape[:-1])
+        # Dimensions known at trace time only: free, and what a wrong mask
+        # (a transposed one, or one of another batch) differs in.
+        if len(mask.shape) != len(expected) or any(
+            isinstance(got, int) and isinstance(want, int) and got != want
+            for got, want in zip(mask.shape, expected)
+        ):
             leading = "..." if self.input_rank is None else "batch, tokens"
             raise ValueError(
-                f"`{type(self).__name__}` expects `mask` of shape [{leading}] "
-                f"for inputs of shape {tuple(inputs.shape)}. Received: "
+                f"`{type(self).__name__}` expects `mask` of shape [{leading}], "
+                f"the leading dimensions of the inputs: {expected} for inputs "
+                f"of shape {tuple(inputs.shape)}. Received: "
                 f"mask.shape={tuple(mask.shape)}"
             )
         return ops.cast(mask, "bool")
@@ -232,6 +239,17 @@ class MoELayer(keras.layers.Layer):
         return ops.where(
             ops.expand_dims(token_mask, -1), values, ops.zeros((), values.dtype)
         )
+
+    @staticmethod
+    def _has_no_tokens(shape):
+        """Whether a leading dimension is statically 0: nothing to route.
+
+        An empty batch or sequence gets an empty output, adds no loss and
+        records no statistics (a gather from an empty axis, or a maximum
+        over one, fails on every backend). Checked on the static shape, so
+        it costs nothing per call.
+        """
+        return any(isinstance(dim, int) and dim == 0 for dim in shape[:-1])
 
     def _prepare_inputs(self, inputs, mask):
         """Checked inputs with zeroed padding, and the token mask.

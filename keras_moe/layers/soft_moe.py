@@ -236,15 +236,16 @@ class SoftMoE(MoELayer):
         # accepted so that every MoE layer is called the same way.
         tokens, token_mask = self._prepare_inputs(inputs, mask)
         routing = self._routing(tokens, token_mask)
-        self._observe(
-            training,
-            lambda: soft_routing_stats(
-                routing.dispatch_weights,
-                routing.combine_weights,
-                self.num_experts,
-                token_mask,
-            ),
-        )
+        if not self._has_no_tokens(inputs.shape):
+            self._observe(
+                training,
+                lambda: soft_routing_stats(
+                    routing.dispatch_weights,
+                    routing.combine_weights,
+                    self.num_experts,
+                    token_mask,
+                ),
+            )
 
         dispatch_weights = ops.cast(routing.dispatch_weights, tokens.dtype)
         slot_inputs = ops.einsum("btn,btd->bnd", dispatch_weights, tokens)

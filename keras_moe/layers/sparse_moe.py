@@ -268,6 +268,8 @@ class SparseMoE(MoELayer):
 
     def call(self, inputs, mask=None, training=None):
         tokens, token_mask = self._prepare_inputs(inputs, mask)
+        if self._has_no_tokens(inputs.shape):
+            return tokens
         tokens, token_mask, groups = self._group_tokens(tokens, token_mask)
         num_tokens = tokens.shape[1]
         if num_tokens is None:

@@ -125,6 +125,9 @@ class RouterStatsMetric(keras.metrics.Metric):
         self._training_call = True
         # Set by `keras_moe.callbacks.router_stats` to measure inference.
         self.record_inference = False
+        # Counts the resets that closed a period, so that a reader holding
+        # an earlier copy of the sums can tell they no longer apply.
+        self._period = 0
         # The compact set as of the last time the statistics could be read
         # (a JAX step cannot read them: they travel in its state).
         self._compact_snapshot = self.add_variable(
@@ -235,7 +238,20 @@ class RouterStatsMetric(keras.metrics.Metric):
         if current[0] > 0:
             self._state.last.assign(current)
             self._state.current.assign(np.zeros_like(current))
+            self._period += 1
         self._training_call = True
+
+    @property
+    def period(self):
+        """The number of recording periods closed by a reset so far.
+
+        The sums of `raw_values(current_only=True)` only grow within one
+        period; a reader that compares two reads (to get the steps between
+        them) must check that the period did not change in between: the
+        step count alone cannot tell (3 steps then a reset and 4 more steps
+        look like 7 steps of one period).
+        """
+        return self._period
 
     # Reading ---------------------------------------------------------------
 

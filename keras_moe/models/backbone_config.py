@@ -5,6 +5,9 @@ config without building one (the weight structure, the parameter counter,
 checkpoint conversion) shares one set of rules with the backbone.
 """
 
+import difflib
+import inspect
+
 import keras
 
 from keras_moe.models.yarn import normalize_rope_scaling
@@ -301,7 +304,55 @@ def _checked_moe_options(moe_options):
             "from its own arguments. "
             f"Received: moe_options={moe_options!r}"
         )
+    accepted = moe_option_names()
+    unknown = [key for key in moe_options if key not in accepted]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), accepted, n=2)
+            if close:
+                hints.append(
+                    f"{key!r}: did you mean {' or '.join(map(repr, close))}?"
+                )
+        raise ValueError(
+            f"Unknown `moe_options` key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}: `moe_options` holds `SparseMoE` "
+            "arguments. "
+            + (" ".join(hints) + " " if hints else "")
+            + f"Accepted keys: {', '.join(accepted)}. "
+            f"Received: moe_options={moe_options!r}"
+        )
     return dict(moe_options)
+
+
+def moe_option_names():
+    """The keys `moe_options` accepts, sorted.
+
+    The keyword arguments of `SparseMoE` (which `SharedExpertMoE` passes
+    on) and of the base Keras layer, less those the backbone sets itself
+    (`RESERVED_MOE_OPTIONS`).
+
+    Returns:
+        A sorted list of str.
+
+    Example:
+
+    >>> "capacity_factor" in moe_option_names()
+    True
+    """
+    # Imported here: the layers are not needed to read a config otherwise.
+    from keras_moe.layers.sparse_moe import SparseMoE
+
+    names = set()
+    for function in (SparseMoE.__init__, keras.layers.Layer.__init__):
+        names.update(
+            name
+            for name, parameter in inspect.signature(function).parameters.items()
+            if name != "self"
+            and parameter.kind
+            in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+        )
+    return sorted(names - set(RESERVED_MOE_OPTIONS))
 
 
 def _checked_moe_layers(c):

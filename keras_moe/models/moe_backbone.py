@@ -14,12 +14,18 @@ otherwise; an explicit `moe_layers` list replaces that rule (Qwen-MoE's
 """
 
 import keras
+import numpy as np
+from keras.src.saving import saving_lib
+from keras.src.quantizers.utils import should_quantize_layer
 from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
 
 from keras_moe.layers import FeedForward
 from keras_moe.layers import SharedExpertMoE
 from keras_moe.layers import SparseMoE
+from keras_moe.layers.feed_forward_weights import QUANTIZATION_MODES
+from keras_moe.layers.feed_forward_weights import FeedForwardWeights
+from keras_moe.layers.feed_forward_weights import unsupported_mode_error
 from keras_moe.models.backbone_config import CONFIG_KEYS
 from keras_moe.models.backbone_config import config_moe_layer_flags
 from keras_moe.models.backbone_config import validated_config
@@ -29,7 +35,52 @@ from keras_moe.models.multi_head_latent_attention import (
     MultiHeadLatentAttention,
 )
 from keras_moe.models.rms_normalization import RMSNormalization
+from keras_moe.utils.argument_validation import check_int
 from keras_moe.utils.weights_loading import load_weights_or_restore
+
+# Saved in a `.lora.h5` file beside the rank: the adapted layers' names.
+_LORA_TARGETS = "target_layer_names"
+
+
+def check_quantization_mode(model, mode, filters=None):
+    """Refuse, before anything changes, a mode the feed-forward layers lack.
+
+    `keras.Model.quantize` quantizes layer after layer, and skips with a
+    warning a layer that raises `NotImplementedError`: a mode the expert
+    kernels cannot take would leave most of a MoE model's memory float, or
+    fail halfway with the attention already quantized.
+
+    Args:
+        model: a `keras.Model`.
+        mode: the quantization mode asked for.
+        filters: the `filters` of `Model.quantize`; layers they leave out
+            are not checked.
+
+    Raises:
+        ValueError: if a feed-forward layer (`Experts`, `FeedForward`) that
+            `model.quantize(mode, filters=filters)` would reach does not
+            support `mode`.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_moe.layers import FeedForward
+    >>> inputs = keras.Input((4,))
+    >>> model = keras.Model(inputs, FeedForward(8, name="ffn")(inputs))
+    >>> check_quantization_mode(model, "int8")
+    >>> check_quantization_mode(model, "int4", filters="attention")
+    >>> check_quantization_mode(model, "int4")
+    Traceback (most recent call last):
+    ...
+    ValueError: The expert and feed-forward layers ...
+    """
+    if mode in QUANTIZATION_MODES:
+        return
+    for layer in model._flatten_layers():
+        if isinstance(layer, FeedForwardWeights) and should_quantize_layer(
+            layer, filters
+        ):
+            raise unsupported_mode_error(mode)
 
 
 def _embedding_initializer():
@@ -274,6 +325,167 @@ class MoEBackbone(Backbone):
         return load_weights_or_restore(
             self, super().load_weights, filepath, *args, **kwargs
         )
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        # A mode the expert kernels cannot take is refused before any layer
+        # changes (Keras would quantize the attention, then warn and skip
+        # the experts).
+        check_quantization_mode(self, mode, filters)
+        super().quantize(mode, config=config, filters=filters, **kwargs)
+
+    def default_lora_layer_names(self):
+        """The layers `enable_lora(rank)` adapts: queries and values.
+
+        Grouped-query attention: `query` and `value`. Latent attention:
+        the query projection (`q_b_proj` with `q_lora_rank`, else
+        `q_proj`) and `kv_b_proj`, which expands the latent into each
+        head's keys and values. Add `"experts"` to `target_layer_names` to
+        adapt the routed experts too.
+        """
+        if self.attention_type == "gqa":
+            return ["query", "value"]
+        query = "q_proj" if self.q_lora_rank is None else "q_b_proj"
+        return [query, "kv_b_proj"]
+
+    def enable_lora(self, rank, target_layer_names=None):
+        """Freeze the backbone and train low-rank adaptations of some layers.
+
+        Args:
+            rank: int >= 1, the rank of the adaptations.
+            target_layer_names: list of layer names, or `None` for
+                `default_lora_layer_names()`. Every name must be a layer
+                with LoRA support: the attention projections
+                (`query`, `key`, `value`, `attention_output`; `q_proj`,
+                `q_a_proj`, `q_b_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`,
+                `o_proj`) and the feed-forward blocks (`experts`,
+                `shared_experts`, `feedforward`).
+
+        Raises:
+            ValueError: for a name that matches no such layer (the message
+                lists them) or an invalid `rank`.
+        """
+        rank = check_int("rank", rank, min_value=1)
+        if target_layer_names is None:
+            target_layer_names = self.default_lora_layer_names()
+        if isinstance(target_layer_names, str) or not all(
+            isinstance(name, str) for name in target_layer_names
+        ):
+            raise ValueError(
+                "`target_layer_names` must be a list of layer names. "
+                f"Received: target_layer_names={target_layer_names!r}"
+            )
+        target_layer_names = list(target_layer_names)
+        adaptable = sorted(
+            {
+                layer.name
+                for layer in self._flatten_layers(include_self=False)
+                if layer.weights and hasattr(layer, "enable_lora")
+            }
+        )
+        unknown = [name for name in target_layer_names if name not in adaptable]
+        if unknown or not target_layer_names:
+            raise ValueError(
+                f"`target_layer_names` names no layer with LoRA support: "
+                f"{unknown or target_layer_names}. Layers of this "
+                f"{self.attention_type.upper()} backbone that support LoRA: "
+                f"{adaptable}. Received: target_layer_names="
+                f"{target_layer_names}"
+            )
+        super().enable_lora(rank, target_layer_names=target_layer_names)
+        self._lora_target_layer_names = target_layer_names
+
+    def save_lora_weights(self, filepath):
+        """Save the LoRA factors of every adapted layer to a `.lora.h5` file.
+
+        The layout of keras-hub's `Backbone.save_lora_weights` (each
+        adapted layer's factors under its index), with each layer's own
+        variable names, so that feed-forward layers (three pairs of
+        factors, one per projection) save too, and the target layer names,
+        so that `load_lora_weights` on a fresh model adapts the same
+        layers.
+
+        Args:
+            filepath: str, a path ending in `.lora.h5`.
+        """
+        if not getattr(self, "_lora_enabled_layers", []):
+            raise ValueError(
+                "There are no LoRA-enabled layers in this model: call "
+                "`enable_lora(rank)` first."
+            )
+        if not str(filepath).endswith(".lora.h5"):
+            raise ValueError(
+                "The filename must end in `.lora.h5`. "
+                f"Received: filepath={filepath}"
+            )
+        store = saving_lib.H5IOStore(filepath, mode="w")
+        try:
+            lora_store = store.make("lora")
+            lora_store["rank"] = self._lora_rank
+            targets = getattr(self, "_lora_target_layer_names", None)
+            if targets:
+                names = "\n".join(targets).encode()
+                lora_store[_LORA_TARGETS] = np.frombuffer(names, "uint8")
+            layers = self._weighted_layers()
+            for index in self._lora_enabled_layers:
+                inner_store = store.make(f"lora/{index}")
+                for variable in _lora_variables(layers[index]):
+                    inner_store[variable.name] = variable
+        finally:
+            store.close()
+
+    def load_lora_weights(self, filepath):
+        """Load LoRA factors saved by `save_lora_weights`.
+
+        A backbone without LoRA first enables it on the layers the file was
+        saved from; one with LoRA must have the file's rank and layers.
+
+        Args:
+            filepath: str, a `.lora.h5` file.
+        """
+        store = saving_lib.H5IOStore(filepath, mode="r")
+        try:
+            lora_store = store.get("lora")
+            rank = int(lora_store["rank"][()])
+            targets = None
+            if _LORA_TARGETS in lora_store.keys():
+                targets = bytes(np.asarray(lora_store[_LORA_TARGETS])).decode()
+                targets = targets.split("\n")
+            if not getattr(self, "_lora_enabled_layers", []):
+                self.enable_lora(rank, target_layer_names=targets)
+            elif self._lora_rank != rank:
+                raise ValueError(
+                    f"The LoRA rank of file '{filepath}' is rank={rank}, but "
+                    f"the model was called with `enable_lora(rank="
+                    f"{self._lora_rank})`. Both ranks must match."
+                )
+            layers = self._weighted_layers()
+            for index in self._lora_enabled_layers:
+                if not store.has_path(f"lora/{index}"):
+                    raise ValueError(
+                        f"File '{filepath}' has no LoRA weights for layer "
+                        f"{layers[index].path!r}: it was saved from other "
+                        f"target layers (saved: {targets})."
+                    )
+                inner_store = store.get(f"lora/{index}")
+                for variable in _lora_variables(layers[index]):
+                    variable.assign(inner_store[variable.name])
+        finally:
+            store.close()
+
+    def _weighted_layers(self):
+        # keras-hub identifies adapted layers by their index in this list.
+        return [
+            layer
+            for layer in self._flatten_layers(include_self=False)
+            if layer.weights
+        ]
+
+
+def _lora_variables(layer):
+    """The LoRA factors of a layer: `lora_kernel_a`/`_b` of an
+    `EinsumDense`, `{projection}_kernel_lora_a`/`_b` of a feed-forward
+    block."""
+    return [variable for variable in layer.weights if "lora_" in variable.name]
 
 
 def _make_attention(c, dtype):

@@ -1,11 +1,37 @@
+from collections.abc import Mapping
+
 import keras
+import keras_hub
 from keras import ops
 from keras_hub.models import CausalLM
 from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_moe.models.moe_backbone import MoEBackbone
+from keras_moe.models.moe_backbone import check_quantization_mode
 from keras_moe.models.moe_causal_lm_preprocessor import MoECausalLMPreprocessor
+from keras_moe.models.moe_causal_lm_preprocessor import check_tokenized_inputs
 from keras_moe.utils.weights_loading import load_weights_or_restore
+
+_MISSING_LABELS = (
+    "`fit()` and `evaluate()` need labels: received `y=None` with inputs "
+    "that are not text. The preprocessor makes inputs and labels from text "
+    'only; already tokenized inputs `{"token_ids", "padding_mask"}` are used '
+    "as they are, so also pass `y` (the next token at each position: e.g. "
+    "`token_ids[:, :-1]` as inputs and `token_ids[:, 1:]` as `y`) and the "
+    "padding mask as `sample_weight` to leave padding out of the loss."
+)
+
+
+def _check_tokenized_arrays(x, y, needs_labels):
+    """Check `{"token_ids", "padding_mask"}` inputs given to fit/evaluate/predict."""
+    # Checked before Keras starts: an error inside a JAX training step leaves
+    # the model's variables with the step, and one inside a `tf.data`
+    # pipeline comes wrapped in its trace.
+    if not isinstance(x, Mapping):
+        return
+    check_tokenized_inputs(x, "x")
+    if needs_labels and y is None:
+        raise ValueError(_MISSING_LABELS)
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -17,7 +43,9 @@ class MoECausalLM(CausalLM):
     `token_embedding` in reverse (the output projection, or the input
     embedding itself when `tie_word_embeddings`). `fit()` trains on text when
     a preprocessor is attached (the MoE router losses are added to the
-    language-model loss), and `generate()` samples autoregressively with a
+    language-model loss), or, with or without one, on already tokenized
+    inputs `{"token_ids", "padding_mask"}` with their labels `y` (and the
+    padding mask as `sample_weight`), and `generate()` samples autoregressively with a
     cache: strings in and out with a preprocessor, token ids (and
     `stop_token_ids`) without one. The sampler is chosen in `compile()`.
 
@@ -90,6 +118,61 @@ class MoECausalLM(CausalLM):
         return load_weights_or_restore(
             self, super().load_weights, filepath, *args, **kwargs
         )
+
+    def get_compile_config(self):
+        # Keras saves the `compile()` arguments it received; the sampler is
+        # keras-hub's, so it is added here.
+        config = super().get_compile_config()
+        if config and getattr(self, "sampler", None) is not None:
+            config["sampler"] = keras_hub.samplers.serialize(self.sampler)
+        return config
+
+    def compile_from_config(self, config):
+        # Keras skips (with a warning) models whose `compile()` is custom, and
+        # keras-hub's defaults would replace the saved optimizer and sampler.
+        config = dict(config)
+        sampler = config.pop("sampler", None)
+        config = keras.saving.deserialize_keras_object(config)
+        if sampler is not None:
+            config["sampler"] = keras_hub.samplers.deserialize(sampler)
+        self.compile(**config)
+        if getattr(self, "optimizer", None) is not None and self.built:
+            # Created now so that the saved optimizer state can be loaded.
+            self.optimizer.build(self.trainable_variables)
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        _check_tokenized_arrays(x, y, needs_labels=self.loss is not None)
+        return super().fit(x, y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        _check_tokenized_arrays(x, y, needs_labels=self.loss is not None)
+        return super().evaluate(x, y, *args, **kwargs)
+
+    def predict(self, x, *args, **kwargs):
+        _check_tokenized_arrays(x, None, needs_labels=False)
+        return super().predict(x, *args, **kwargs)
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        # Datasets reach here; Keras would fail deep in the loss on `None`.
+        if y is None and self.loss is not None:
+            raise ValueError(_MISSING_LABELS)
+        return super().compute_loss(
+            x, y, y_pred, sample_weight, training=training
+        )
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        # Keras' symbolic build of `evaluate` computes the metrics first.
+        if y is None and self.loss is not None:
+            raise ValueError(_MISSING_LABELS)
+        return super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        # A mode the expert kernels cannot take is refused before any layer
+        # changes (see `check_quantization_mode`).
+        check_quantization_mode(self, mode, filters)
+        super().quantize(mode, config=config, filters=filters, **kwargs)
 
     def call_with_cache(
         self, token_ids, cache, cache_update_index, padding_mask=None

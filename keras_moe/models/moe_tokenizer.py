@@ -80,6 +80,10 @@ class MoETokenizer(ByteTokenizer):
             dtype=dtype,
             **kwargs,
         )
+        # Nothing to build (no vocabulary, no weights). `model.quantize`
+        # refuses a model holding an unbuilt layer, and this one is part of
+        # every model loaded with its preprocessor.
+        self.built = True
 
     def vocabulary_size(self):
         return NUM_BYTES + len(SPECIAL_TOKENS)

@@ -3,6 +3,7 @@ import math
 import keras
 import numpy as np
 from keras import ops
+from keras import quantizers
 from keras_hub.layers import RotaryEmbedding
 
 from keras_moe.models.attention_masks import attention_mask
@@ -58,7 +59,9 @@ class MultiHeadLatentAttention(keras.layers.Layer):
     the normalized latent and the rotated shared key,
     `[batch, max_length, kv_lora_rank + r]`. Cached calls fold `kv_b_proj`
     into the query and the output ("weight absorption") instead of expanding
-    the cache into per-head keys and values; uncached calls expand.
+    the cache into per-head keys and values; uncached calls expand. A
+    quantized or LoRA-adapted `kv_b_proj` is folded in as the float map it
+    applies, so cached and uncached calls agree in every mode.
 
     Args:
         num_heads: int, the number of attention heads `H`.
@@ -270,6 +273,64 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         key_rope = self._rope(compressed[..., self.kv_lora_rank :], start_index)
         return latent, key_rope
 
+    def _absorbed_projection(self, latent):
+        """`kv_b_proj` as weight absorption needs it: `[(kernel, latent)]`.
+
+        Absorption needs the kernel itself, `[kv_lora_rank, H, n + v]` in
+        floats, which a quantized projection does not hold:
+        `kv_b_proj.kernel` is the raw int8 (or packed 4-bit) tensor without
+        its scales. Float kernels (with any LoRA adaptation) are read as
+        they are, int8 kernels divided by their per-channel scales, float8
+        kernels quantized as the float8 forward pass does; any other mode
+        (4-bit, GPTQ, AWQ: weight-only) is measured by projecting the latent
+        basis, the identity `[kv_lora_rank, kv_lora_rank]`, through the
+        layer itself. The latents are quantized as the projection quantizes
+        its inputs (int8 rows, float8), so the absorbed products equal the
+        expanded ones of an uncached call. The projection is the sum of the
+        returned terms: an int8 kernel with LoRA applies its adaptation to
+        the unquantized latents, as Keras' int8 layers do.
+        """
+        projection = self.kv_b_proj
+        mode = projection.quantization_mode
+        compute_dtype = self.compute_dtype
+        head_shape = (self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        scale = getattr(projection, "kernel_scale", None)
+        float_latent = latent
+        adaptation = None
+        if mode is None:
+            kernel = projection.kernel  # LoRA included
+        elif mode == "float8":
+            kernel = quantizers.quantize_and_dequantize(
+                projection.kernel, scale, "float8_e4m3fn", compute_dtype
+            )
+            latent = quantizers.quantize_and_dequantize(
+                latent, projection.inputs_scale, "float8_e4m3fn", compute_dtype
+            )
+        elif mode == "int8" and math.prod(scale.shape) == math.prod(head_shape):
+            # One scale per output channel: Keras' default int8 quantizer
+            # reduces over the latent axis.
+            scale = ops.reshape(ops.cast(scale, "float32"), (1,) + head_shape)
+            kernel = ops.cast(projection._kernel, "float32") / scale
+            if projection.lora_enabled:
+                adaptation = (
+                    projection.lora_alpha / projection.lora_rank
+                ) * ops.matmul(projection.lora_kernel_a, projection.lora_kernel_b)
+        else:
+            basis = ops.eye(self.kv_lora_rank, dtype=compute_dtype)
+            kernel = projection(ops.expand_dims(basis, 0), training=False)[0]
+        if mode == "int8" and projection.inputs_quantizer is not None:
+            values, latent_scale = projection.inputs_quantizer(latent, axis=-1)
+            latent = ops.divide(ops.cast(values, compute_dtype), latent_scale)
+        elif adaptation is not None:
+            kernel, adaptation = kernel + adaptation, None
+        terms = [(kernel, latent)]
+        if adaptation is not None:
+            terms.append((adaptation, float_latent))
+        return [
+            (ops.cast(kernel, compute_dtype), ops.cast(latent, compute_dtype))
+            for kernel, latent in terms
+        ]
+
     def _attend(self, scores, start_index, padding_mask, training):
         scale = self._softmax_scale_factor / math.sqrt(self.qk_head_dim)
         scores = ops.cast(scores, "float32") * scale
@@ -318,15 +379,18 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         key_rope = cache[..., self.kv_lora_rank :]
         # Weight absorption: q_nope . (W_k c) = (W_k^T q_nope) . c and
         # probs . (W_v c) = W_v (probs . c), so the cache stays compressed.
-        kv_kernel = ops.cast(self.kv_b_proj.kernel, self.compute_dtype)
-        key_kernel = kv_kernel[..., : self.qk_nope_head_dim]
-        value_kernel = kv_kernel[..., self.qk_nope_head_dim :]
-        query_latent = ops.einsum("bqnh,rnh->bqnr", query_nope, key_kernel)
-        scores = ops.einsum("bqnr,bkr->bnqk", query_latent, latent)
-        scores = scores + ops.einsum("bqnr,bkr->bnqk", query_rope, key_rope)
+        terms = self._absorbed_projection(latent)
+        scores = ops.einsum("bqnr,bkr->bnqk", query_rope, key_rope)
+        for kernel, latent in terms:
+            key_kernel = kernel[..., : self.qk_nope_head_dim]
+            query_latent = ops.einsum("bqnh,rnh->bqnr", query_nope, key_kernel)
+            scores = scores + ops.einsum("bqnr,bkr->bnqk", query_latent, latent)
         probs = self._attend(scores, start_index, None, training)
-        context = ops.einsum("bnqk,bkr->bqnr", probs, latent)
-        outputs = ops.einsum("bqnr,rnh->bqnh", context, value_kernel)
+        outputs = 0
+        for kernel, latent in terms:
+            value_kernel = kernel[..., self.qk_nope_head_dim :]
+            context = ops.einsum("bnqk,bkr->bqnr", probs, latent)
+            outputs = outputs + ops.einsum("bqnr,rnh->bqnh", context, value_kernel)
         return self.o_proj(outputs), cache
 
     def compute_output_shape(self, input_shape):

@@ -17,7 +17,8 @@ grow with the number of experts the way a one-hot `[T, E, C]` dispatch
 tensor or a loop over experts would.
 """
 
-import math
+import fractions
+import functools
 from typing import NamedTuple
 
 from keras import ops
@@ -73,18 +74,21 @@ def expert_capacity(tokens_per_group, num_experts, top_k, capacity_factor):
 
     An expert can receive each token at most once, so `T` slots are always
     enough: `capacity_factor=None` returns that bound (a dispatch plan given
-    `capacity=None` may size dropless buffers tighter). Works on a
-    Python int, or on a scalar tensor when the number of tokens is only known
-    at run time (a TensorFlow graph with an unknown batch size).
+    `capacity=None` may size dropless buffers tighter). `T` may be a Python
+    int, a symbolic dimension (JAX shape polymorphism, as in
+    `model.export`; a `torch.compile` SymInt), computed in exact integer
+    arithmetic so that every value of the dimension gets the capacity a
+    Python int would, or a scalar tensor when the number of tokens is only
+    known at run time (a TensorFlow graph with an unknown batch size).
 
     Args:
-        tokens_per_group: int or scalar int tensor, `T`.
+        tokens_per_group: int, symbolic dimension or scalar int tensor, `T`.
         num_experts: int, `E`.
         top_k: int, `k`.
         capacity_factor: float or `None` for dropless.
 
     Returns:
-        The capacity, an int when `tokens_per_group` is an int.
+        The capacity, of the kind of `tokens_per_group`.
 
     Example:
 
@@ -93,14 +97,35 @@ def expert_capacity(tokens_per_group, num_experts, top_k, capacity_factor):
     """
     if capacity_factor is None:
         return tokens_per_group
-    ratio = capacity_factor * top_k / num_experts
-    if isinstance(tokens_per_group, int):
+    if ops.is_tensor(tokens_per_group):
+        ratio = capacity_factor * top_k / num_experts
+        tokens = ops.cast(tokens_per_group, "float32")
         # The small tolerance keeps 1.1 * 10 / 11 from rounding up to 2.
-        capacity = math.ceil(ratio * tokens_per_group - 1e-6)
-        return max(1, min(capacity, tokens_per_group))
-    tokens = ops.cast(tokens_per_group, "float32")
-    capacity = ops.cast(ops.ceil(tokens * ratio - 1e-6), "int32")
-    return ops.maximum(1, ops.minimum(capacity, tokens_per_group))
+        capacity = ops.cast(ops.ceil(tokens * ratio - 1e-6), "int32")
+        return ops.maximum(1, ops.minimum(capacity, tokens_per_group))
+    numerator, denominator = _capacity_ratio(capacity_factor, top_k, num_experts)
+    if numerator >= denominator:
+        # `ceil(T * ratio) >= T`: every token fits.
+        capacity = tokens_per_group
+    else:
+        # `ceil(T * n / m)` with integers only, which symbolic dimensions
+        # support (no floats, no `max`); it is within [1, T] for T >= 1.
+        capacity = (tokens_per_group * numerator + denominator - 1) // denominator
+    if isinstance(tokens_per_group, int):
+        return max(1, capacity)
+    return capacity
+
+
+@functools.lru_cache(maxsize=64)
+def _capacity_ratio(capacity_factor, top_k, num_experts):
+    """`capacity_factor * k / E` as an exact fraction `(n, m)`.
+
+    The float factor is read as the nearest fraction of denominator at most
+    10**6, so that 1.1 is 11/10 and `1.1 * 10 / 11` is exactly 1.
+    """
+    ratio = fractions.Fraction(capacity_factor).limit_denominator(10**6)
+    ratio = ratio * top_k / num_experts
+    return ratio.numerator, ratio.denominator
 
 
 def dropless_capacity(expert_counts, tokens_per_group):
@@ -236,12 +261,13 @@ def compute_dispatch_plan(expert_ids, num_experts, capacity, token_mask=None):
     sorted_positions = ops.argsort(sorted_choices, axis=-1)  # choice -> pos
 
     # Choices per expert (plus the padding expert), then where each starts.
+    # Counted in int32, exact for any group the guard above admits (float32
+    # sums stop counting exactly at 2**24).
     counts = _segment_sum_per_group(
-        ops.ones((num_groups, num_choices), "float32"),
+        ops.ones((num_groups, num_choices), "int32"),
         choice_experts,
         num_segments=num_experts + 1,
     )
-    counts = ops.cast(counts, "int32")
     starts = ops.cumsum(counts, axis=-1) - counts
     expert_counts = counts[:, :num_experts]
     if capacity is None:

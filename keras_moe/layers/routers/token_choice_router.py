@@ -103,9 +103,12 @@ class TokenChoiceRouter(Router):
         )
 
     def sequence_load_balancing_loss(self, decision, sequence_length, token_mask=None):
+        # -1: every token of the call is one sequence.
+        leading = (1, -1) if sequence_length == -1 else (-1, sequence_length)
+
         def by_sequence(values):
             trailing = tuple(values.shape[2:])
-            return ops.reshape(values, (-1, sequence_length) + trailing)
+            return ops.reshape(values, leading + trailing)
 
         return sequence_load_balancing_loss(
             by_sequence(decision.router_probs),

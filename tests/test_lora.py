@@ -87,3 +87,9 @@ def test_lora_weights_save_and_load_for_every_target(name, targets, tmp_path):
     other_rank = _lora_model(name, targets, rank=3)
     with pytest.raises(ValueError, match="rank=2"):
         other_rank.backbone.load_lora_weights(path)
+    # LoRA on more layers than the file holds: the first missing one is named.
+    saved_targets = targets or model.backbone.default_lora_layer_names()
+    extra = "experts" if targets is None else "kv_b_proj" if "deepseek" in name else "query"
+    wider = _lora_model(name, saved_targets + [extra])
+    with pytest.raises(ValueError, match="has no LoRA weights for layer"):
+        wider.backbone.load_lora_weights(path)

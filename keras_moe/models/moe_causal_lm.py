@@ -119,27 +119,6 @@ class MoECausalLM(CausalLM):
             self, super().load_weights, filepath, *args, **kwargs
         )
 
-    def get_compile_config(self):
-        # Keras saves the `compile()` arguments it received; the sampler is
-        # keras-hub's, so it is added here.
-        config = super().get_compile_config()
-        if config and getattr(self, "sampler", None) is not None:
-            config["sampler"] = keras_hub.samplers.serialize(self.sampler)
-        return config
-
-    def compile_from_config(self, config):
-        # Keras skips (with a warning) models whose `compile()` is custom, and
-        # keras-hub's defaults would replace the saved optimizer and sampler.
-        config = dict(config)
-        sampler = config.pop("sampler", None)
-        config = keras.saving.deserialize_keras_object(config)
-        if sampler is not None:
-            config["sampler"] = keras_hub.samplers.deserialize(sampler)
-        self.compile(**config)
-        if getattr(self, "optimizer", None) is not None and self.built:
-            # Created now so that the saved optimizer state can be loaded.
-            self.optimizer.build(self.trainable_variables)
-
     def fit(self, x=None, y=None, *args, **kwargs):
         _check_tokenized_arrays(x, y, needs_labels=self.loss is not None)
         return super().fit(x, y, *args, **kwargs)

@@ -123,3 +123,61 @@ def stable_top_k(values, k):
     """
     indices = ops.argsort(ops.negative(values), axis=-1)[..., :k]
     return ops.take_along_axis(values, indices, axis=-1), indices
+
+
+def expert_loop_matmul(rows, kernels, layout, transpose_kernels=False):
+    """`keras_moe.ops.grouped_matmul` in eager PyTorch: one matmul per expert.
+
+    Eager PyTorch can slice by sizes it reads from the data, so each
+    expert's rows are multiplied with exactly its kernel (autograd gives the
+    gradients); rows past the last expert's come out as zeros.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_moe.ops.grouped_matmul import TileLayout
+    >>> layout = TileLayout(1, None, None, torch.tensor([1, 2]))
+    >>> kernels = torch.stack([torch.eye(2), 2 * torch.eye(2)])
+    >>> expert_loop_matmul(torch.ones(3, 2), kernels, layout)[:, 0].tolist()
+    [1.0, 2.0, 2.0]
+    """
+    if transpose_kernels:
+        kernels = kernels.transpose(-1, -2)
+    outputs, start = [], 0
+    for expert, size in enumerate(torch.as_tensor(layout.group_sizes).tolist()):
+        if size:
+            outputs.append(rows[start : start + size] @ kernels[expert])
+            start += size
+    unused = rows.shape[0] - start
+    outputs.append(rows.new_zeros((unused, kernels.shape[-1])))
+    return torch.cat(outputs, dim=0)
+
+
+def grouped_mm(rows, kernels, layout, transpose_kernels=False):
+    """`keras_moe.ops.grouped_matmul` with `torch.nn.functional.grouped_mm`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_moe.ops.grouped_matmul import TileLayout
+    >>> layout = TileLayout(1, None, None, torch.tensor([1, 2]))
+    >>> kernels = torch.stack([torch.eye(4), 2 * torch.eye(4)])
+    >>> grouped_mm(torch.ones(3, 4), kernels, layout)[:, 0].tolist()
+    [1.0, 2.0, 2.0]
+    """
+    if transpose_kernels:
+        kernels = kernels.transpose(-1, -2)
+    for name, size in (("input", rows.shape[-1]), ("output", kernels.shape[-1])):
+        if size * rows.element_size() % 16:
+            raise ValueError(
+                "expert_kernel='grouped_mm' needs rows of a multiple of 16 "
+                f"bytes; the {name} dimension is {size} in {rows.dtype}. "
+                "Use expert_kernel='auto' or 'tiles'."
+            )
+    offsets = torch.cumsum(torch.as_tensor(layout.group_sizes), 0).to(torch.int32)
+    used = int(offsets[-1]) if offsets.numel() else 0
+    products = torch.nn.functional.grouped_mm(
+        rows[:used], kernels, offs=offsets
+    )
+    unused = rows.new_zeros((rows.shape[0] - used, kernels.shape[-1]))
+    return torch.cat([products, unused], dim=0)

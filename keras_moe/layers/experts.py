@@ -1,9 +1,11 @@
 """`Experts`: a bank of feed-forward experts with stacked kernels."""
 
 import keras
+from keras import ops
 
 from keras_moe.layers.feed_forward_weights import FeedForwardWeights
 from keras_moe.layers.projection_arguments import per_expert_initializer
+from keras_moe.ops.grouped_matmul import grouped_matmul
 from keras_moe.utils.argument_validation import check_int
 
 
@@ -118,6 +120,54 @@ class Experts(FeedForwardWeights):
         if self.use_bias:
             names += [f"{name}_bias" for name in self.projections]
         return names
+
+    def grouped_call(self, rows, layout, kernel="tiles"):
+        """The experts on rows in the grouped layout (dropless at sparse cost).
+
+        Each expert's rows are multiplied by its own kernels only (see
+        `keras_moe.ops.grouped_matmul`); rows outside the tiles in use come
+        out as zeros. Quantized kernels are dequantized for the product
+        (the grouped path computes weight-only); LoRA and biases apply per
+        row's expert.
+
+        Args:
+            rows: `[M, d]`, the routed rows sorted by expert.
+            layout: the `TileLayout` of the rows (ungrouped: `tile_experts`
+                `[max_tiles]`, `num_tiles` scalar, `group_sizes` `[E]`).
+            kernel: the grouped matmul kernel, `"tiles"`, `"ragged_dot"` or
+                `"grouped_mm"`.
+
+        Returns:
+            `[M, d]`.
+
+        Example:
+
+        >>> import numpy as np
+        >>> from keras_moe.ops.grouped_matmul import TileLayout
+        >>> experts = Experts(num_experts=2, intermediate_dim=8)
+        >>> experts.build((2, None, 4))
+        >>> rows = np.random.normal(size=(4, 4)).astype("float32")
+        >>> layout = TileLayout(2, np.array([0, 1]), np.array(2), np.array([2, 2]))
+        >>> grouped = ops.convert_to_numpy(experts.grouped_call(rows, layout))
+        >>> by_buffers = ops.convert_to_numpy(experts(rows.reshape(2, 2, 4)))
+        >>> bool(np.allclose(grouped, by_buffers.reshape(4, 4), atol=1e-5))
+        True
+        """
+
+        def contract(inputs, kernels):
+            return grouped_matmul(inputs, kernels, layout, kernel)
+
+        def row_bias(bias):
+            row_experts = ops.repeat(layout.tile_experts, layout.tile_size, axis=0)
+            return ops.take(bias, row_experts, axis=0)
+
+        def project(inputs, name):
+            outputs = contract(inputs, self._dequantized_kernel(name))
+            return self._add_lora_and_bias(
+                inputs, outputs, name, contract=contract, expand_bias=row_bias
+            )
+
+        return self._feed_forward(ops.cast(rows, self.compute_dtype), project)
 
     def get_config(self):
         config = super().get_config()

@@ -4,11 +4,20 @@ from keras import ops
 from keras_moe.layers.moe_layer import MoELayer
 from keras_moe.layers.routers.expert_choice_router import ExpertChoiceRouter
 from keras_moe.layers.routers.top_k_router import TopKRouter
+from keras_moe.backend import data_dependent_shapes_allowed
 from keras_moe.ops.dispatch import dispatch
 from keras_moe.ops.dispatch import expert_capacity
+from keras_moe.ops.dispatch import grouped_rows_bound
+from keras_moe.ops.grouped_matmul import check_expert_kernel
+from keras_moe.ops.grouped_matmul import default_expert_kernel
+from keras_moe.ops.grouped_matmul import default_tile_size
 from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_choice
 from keras_moe.utils.argument_validation import check_float
+
+# Below this many tokens per call (decoding), per-expert buffers of every
+# token beat a grouped matmul's per-expert products.
+_MIN_GROUPED_TOKENS = 64
 
 # The router class of each `routing`.
 ROUTERS = {"token_choice": TopKRouter, "expert_choice": ExpertChoiceRouter}
@@ -59,12 +68,27 @@ class SparseMoE(MoELayer):
     Padding tokens (a Keras mask, or the `mask` call argument) are not
     routed, take no capacity, count in no loss, and get a zero output.
 
+    Dropless routing (`capacity_factor=None`) cannot bound an expert's load
+    below all `T` tokens, so buffers would cost `E / k` times the routed
+    work. Instead the routed rows are sorted by expert into tiles that each
+    belong to one expert, and a grouped matmul multiplies each tile by its
+    expert's kernels (`keras_moe.ops.grouped_matmul`): the work is the
+    routed rows plus at most one partly filled tile per expert, under
+    `jax.jit` and XLA as in eager mode. `expert_kernel` picks the kernel;
+    the default, `"auto"`, runs `jax.lax.ragged_dot` for JAX on GPU and
+    TPU, the portable tile loop on CPU and under TensorFlow, one matmul per
+    expert in eager PyTorch, and per-expert buffers where they cost less
+    (capacity routing, calls of a few tokens such as decoding, token groups
+    under expert parallelism, and token counts unknown when compiling).
+
     Under a `keras.distribution` (JAX) whose layout splits the experts
     (`keras_moe.distribution.get_layout_map`), the tokens are routed in
     groups, one per data shard, and sent to the devices holding their
     experts with all-to-alls. Capacity is then per group: `tokens` in the
     formulas above means the tokens of one group. Dropless routing gives the
-    same result either way.
+    same result either way; there the exchange keeps per-expert buffers of
+    one group's tokens (all a group can send one expert), so an all-to-all
+    moves at most `groups * E * group_tokens * d` values.
 
     With `track_router_stats=True` each training call also records router
     statistics from the routing it just did (expert load, importance,
@@ -110,6 +134,13 @@ class SparseMoE(MoELayer):
         seed: optional int, seeds the router's jitter and gating noise.
         track_router_stats: bool, record router statistics in training
             calls. Defaults to True; False removes their (small) cost.
+        expert_kernel: how the experts multiply their rows: `"auto"` (the
+            default, see above), `"buffers"` (per-expert buffers, dropless
+            ones sized for every token), or a grouped matmul kernel,
+            `"tiles"` (portable), `"ragged_dot"` (JAX) or `"grouped_mm"`
+            (PyTorch >= 2.9). Grouped kernels apply to token-choice routing
+            on a single routing group; a kernel of another backend raises a
+            `ValueError`.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -171,6 +202,7 @@ class SparseMoE(MoELayer):
         router_initializer="glorot_uniform",
         seed=None,
         track_router_stats=True,
+        expert_kernel="auto",
         **kwargs,
     ):
         super().__init__(
@@ -195,6 +227,13 @@ class SparseMoE(MoELayer):
             "sequence_aux_loss_weight", sequence_aux_loss_weight
         )
         self.causal = check_bool("causal", causal)
+        self.expert_kernel = check_expert_kernel(expert_kernel)
+        if routing == "expert_choice" and expert_kernel not in ("auto", "buffers"):
+            raise ValueError(
+                f"expert_kernel={expert_kernel!r} applies to token-choice "
+                "routing; expert choice fills exactly `capacity` slots per "
+                "expert, so it runs on buffers. Use expert_kernel='auto'."
+            )
         router_arguments = {
             "top_k": top_k,
             "score_function": score_function,
@@ -274,13 +313,22 @@ class SparseMoE(MoELayer):
         num_tokens = tokens.shape[1]
         if num_tokens is None:
             num_tokens = ops.shape(tokens)[1]
+        capacity = self._capacity(num_tokens, training)
+        grouped = self._grouped_kernel(num_tokens, capacity, groups)
         decision = self.router.route(
             tokens,
             token_mask=token_mask,
-            capacity=self._capacity(num_tokens, training),
+            capacity=capacity,
             training=training,
+            tile_size=None if grouped is None else grouped[1],
         )
-        expert_outputs = self._run_experts(dispatch(tokens, decision.plan), groups)
+        dispatched = dispatch(tokens, decision.plan)
+        if decision.plan.tiles is not None:
+            expert_outputs = self._run_grouped_experts(
+                dispatched, decision.plan.tiles, grouped[0]
+            )
+        else:
+            expert_outputs = self._run_experts(dispatched, groups)
         outputs = self.router.combine(expert_outputs, decision)
         self._observe(
             training, lambda: self.router.statistics(decision, token_mask)
@@ -290,6 +338,44 @@ class SparseMoE(MoELayer):
             if self.router.balancing_bias is not None:
                 self.router.update_bias(decision.plan.expert_counts)
         return ops.reshape(outputs, ops.shape(inputs))
+
+    def _grouped_kernel(self, num_tokens, capacity, groups):
+        """`(kernel, tile_size)` of the grouped matmul for this call, or None
+        to run per-expert buffers (see the class docstring)."""
+        kernel = self.expert_kernel
+        if (
+            kernel == "buffers"
+            or groups is not None
+            or not isinstance(num_tokens, int)
+            or not self.router.supports_grouped_layout
+        ):
+            return None
+        num_choices = num_tokens * self.router.choices_per_token
+        torch_backend = keras.backend.backend() == "torch"
+        automatic = kernel == "auto"
+        if automatic:
+            if capacity is not None or num_tokens < _MIN_GROUPED_TOKENS:
+                return None
+            if torch_backend and not data_dependent_shapes_allowed():
+                return None  # `torch.compile`: per-expert sizes would be symbolic
+            kernel = default_expert_kernel()
+        # Eager PyTorch multiplies each expert's rows as they are: no tiles.
+        tile_size = 1
+        if not torch_backend:
+            tile_size = default_tile_size(num_choices, self.num_experts, kernel)
+        _, grouped_rows = grouped_rows_bound(num_choices, self.num_experts, tile_size)
+        if automatic and grouped_rows >= self.num_experts * num_tokens:
+            return None
+        return kernel, tile_size
+
+    def _run_grouped_experts(self, rows, tiles, kernel):
+        """The expert bank on rows `[1, M, d]` in the grouped layout."""
+        layout = tiles._replace(
+            tile_experts=tiles.tile_experts[0],
+            num_tiles=tiles.num_tiles[0],
+            group_sizes=tiles.group_sizes[0],
+        )
+        return ops.expand_dims(self.experts.grouped_call(rows[0], layout, kernel), 0)
 
     def _add_router_losses(self, decision, token_mask, input_shape):
         """Add the weighted losses that apply to the router's routing."""
@@ -323,6 +409,7 @@ class SparseMoE(MoELayer):
                 "z_loss_weight": self.z_loss_weight,
                 "sequence_aux_loss_weight": self.sequence_aux_loss_weight,
                 "causal": self.causal,
+                "expert_kernel": self.expert_kernel,
             }
         )
         config.update(self._router_config())

@@ -46,6 +46,10 @@ class DispatchPlan(NamedTuple):
         expert_ids: int32 `[G, T, k]`, the experts the tokens chose, as
             given (padding included): what per-sequence balance losses
             count.
+        tiles: `None` for per-expert buffers; for the grouped layout (see
+            `keras_moe.ops.grouped_matmul`), the `TileLayout` of the rows,
+            and the slots are rows: `slot_tokens` and `slot_filled` are
+            `[G, M]` and `choice_slots` holds row indices.
     """
 
     slot_tokens: object
@@ -54,6 +58,7 @@ class DispatchPlan(NamedTuple):
     choice_kept: object
     expert_counts: object
     expert_ids: object
+    tiles: object = None
 
     @property
     def kept(self):
@@ -196,7 +201,34 @@ def _segment_sum_per_group(data, segment_ids, num_segments):
     return ops.reshape(sums, (num_groups, num_segments) + tuple(data.shape[2:]))
 
 
-def compute_dispatch_plan(expert_ids, num_experts, capacity, token_mask=None):
+def grouped_rows_bound(num_choices, num_experts, tile_size):
+    """Tiles and rows the grouped layout needs for `num_choices` kept choices.
+
+    Each expert's rows are padded to whole tiles, so the tiles in use are at
+    most `ceil(num_choices / tile_size) + E - 1`, and never more than
+    `num_choices` (a tile holds at least one row).
+
+    Args:
+        num_choices: int, the most choices that can be kept.
+        num_experts: int, `E`.
+        tile_size: int, rows per tile.
+
+    Returns:
+        `(max_tiles, max_rows)`, ints.
+
+    Example:
+
+    >>> grouped_rows_bound(8192, num_experts=8, tile_size=256)
+    (39, 9984)
+    """
+    max_tiles = min(-(-num_choices // tile_size) + num_experts - 1, num_choices)
+    max_tiles = max(max_tiles, 1)
+    return max_tiles, max_tiles * tile_size
+
+
+def compute_dispatch_plan(
+    expert_ids, num_experts, capacity, token_mask=None, tile_size=None
+):
     """Assign every (token, choice) to a slot of its expert, or drop it.
 
     Capacity goes to first choices before second choices (GShard/Switch
@@ -214,6 +246,9 @@ def compute_dispatch_plan(expert_ids, num_experts, capacity, token_mask=None):
         capacity: int or scalar int tensor, slots per expert `C`, or `None`
             for dropless routing (see `dropless_capacity`).
         token_mask: optional bool tensor `[G, T]`, False for padding.
+        tile_size: optional int: lay the kept choices out in the grouped
+            layout of `keras_moe.ops.grouped_matmul` with tiles of this many
+            rows, instead of per-expert buffers (`T` and `k` must be static).
 
     Returns:
         A `DispatchPlan`.
@@ -270,10 +305,21 @@ def compute_dispatch_plan(expert_ids, num_experts, capacity, token_mask=None):
     )
     starts = ops.cumsum(counts, axis=-1) - counts
     expert_counts = counts[:, :num_experts]
+    position_in_expert = sorted_positions - _gather_rows(starts, choice_experts)
+    if tile_size is not None:
+        return _grouped_plan(
+            expert_ids=chosen_ids,
+            expert_counts=expert_counts,
+            starts=starts,
+            choice_experts=choice_experts,
+            position_in_expert=position_in_expert,
+            sorted_choices=sorted_choices,
+            capacity=capacity,
+            tile_size=tile_size,
+        )
     if capacity is None:
         capacity = dropless_capacity(expert_counts, num_tokens)
 
-    position_in_expert = sorted_positions - _gather_rows(starts, choice_experts)
     choice_kept = ops.logical_and(
         position_in_expert < capacity, choice_experts < num_experts
     )
@@ -307,6 +353,88 @@ def compute_dispatch_plan(expert_ids, num_experts, capacity, token_mask=None):
         choice_kept=ops.reshape(choice_kept, (num_groups, top_k, num_tokens)),
         expert_counts=expert_counts,
         expert_ids=chosen_ids,
+    )
+
+
+def _grouped_plan(
+    expert_ids,
+    expert_counts,
+    starts,
+    choice_experts,
+    position_in_expert,
+    sorted_choices,
+    capacity,
+    tile_size,
+):
+    """The `DispatchPlan` of `compute_dispatch_plan(..., tile_size=...)`.
+
+    The kept choices of each expert take consecutive rows, from the first
+    row of the expert's first tile; each expert's rows are padded to whole
+    tiles, and the tiles follow each other in expert order.
+    """
+    from keras_moe.ops.grouped_matmul import TileLayout
+
+    num_groups, num_tokens, top_k = expert_ids.shape
+    num_experts = expert_counts.shape[-1]
+    num_choices = num_tokens * top_k
+    kept_counts = expert_counts
+    max_kept = num_choices
+    if capacity is not None:
+        kept_counts = ops.minimum(expert_counts, capacity)
+        if isinstance(capacity, int):
+            max_kept = min(num_choices, num_experts * capacity)
+    max_tiles, max_rows = grouped_rows_bound(max_kept, num_experts, tile_size)
+
+    expert_tiles = (kept_counts + tile_size - 1) // tile_size  # [G, E]
+    tile_ends = ops.cumsum(expert_tiles, axis=-1)
+    row_starts = (tile_ends - expert_tiles) * tile_size
+    # A choice is kept when its expert has room; padding goes to expert E,
+    # which has no rows.
+    valid = choice_experts < num_experts
+    expert_of_choice = ops.minimum(choice_experts, num_experts - 1)
+    choice_kept = ops.logical_and(
+        valid, position_in_expert < _gather_rows(kept_counts, expert_of_choice)
+    )
+    choice_rows = ops.where(
+        choice_kept,
+        _gather_rows(row_starts, expert_of_choice) + position_in_expert,
+        0,
+    )
+
+    # Tile i belongs to the expert whose tiles end first after i: the count
+    # of experts whose tiles end at or before i.
+    tile_index = ops.arange(max_tiles, dtype="int32")
+    tile_experts = ops.sum(
+        ops.cast(tile_ends[:, None, :] <= tile_index[None, :, None], "int32"),
+        axis=-1,
+    )
+    tile_experts = ops.minimum(tile_experts, num_experts - 1)
+    row_index = ops.arange(max_rows, dtype="int32")
+    row_experts = ops.repeat(tile_experts, tile_size, axis=-1)  # [G, M]
+    position = row_index[None, :] - _gather_rows(row_starts, row_experts)
+    row_filled = position < _gather_rows(kept_counts, row_experts)
+    row_sorted_position = ops.where(
+        row_filled, _gather_rows(starts, row_experts) + position, 0
+    )
+    row_tokens = ops.where(
+        row_filled,
+        _gather_rows(sorted_choices, row_sorted_position) % num_tokens,
+        0,
+    )
+    layout = TileLayout(
+        tile_size=tile_size,
+        tile_experts=tile_experts,
+        num_tiles=tile_ends[:, -1],
+        group_sizes=expert_tiles * tile_size,
+    )
+    return DispatchPlan(
+        slot_tokens=row_tokens,
+        slot_filled=row_filled,
+        choice_slots=ops.reshape(choice_rows, (num_groups, top_k, num_tokens)),
+        choice_kept=ops.reshape(choice_kept, (num_groups, top_k, num_tokens)),
+        expert_counts=expert_counts,
+        expert_ids=expert_ids,
+        tiles=layout,
     )
 
 
@@ -381,11 +509,14 @@ class ExpertChoicePlan(NamedTuple):
         slot_filled: bool `[G, E, C]`, whether a slot holds a real token
             (False where an expert ran out of real tokens to take).
         expert_counts: int32 `[G, E]`, the filled slots of each expert.
+        tiles: always `None`: experts fill exactly `C` slots each, so their
+            buffers need no grouped layout.
     """
 
     slot_tokens: object
     slot_filled: object
     expert_counts: object
+    tiles: object = None
 
 
 def compute_expert_choice_plan(router_probs, capacity, token_mask=None):

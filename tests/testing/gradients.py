@@ -33,7 +33,8 @@ def value_and_grads(layer, inputs, objective, **call_kwargs):
             outputs = layer(x, **call_kwargs)
             value = objective(outputs, layer.losses)
         grads = tape.gradient(value, [x] + [v.value for v in variables])
-        grads = [np.asarray(g) for g in grads]
+        # A gather (a bias picked per row) has sparse `IndexedSlices` gradients.
+        grads = [np.asarray(tf.convert_to_tensor(g)) for g in grads]
     elif backend == "jax":
         import jax
 

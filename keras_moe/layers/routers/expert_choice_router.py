@@ -114,7 +114,11 @@ class ExpertChoiceRouter(LinearScoring, Router):
     def call(self, inputs, training=None):
         return self.score(inputs, training=training)
 
-    def route(self, tokens, token_mask=None, capacity=None, training=None):
+    def route(
+        self, tokens, token_mask=None, capacity=None, training=None, tile_size=None
+    ):
+        # Each expert takes exactly `capacity` tokens: buffers are never
+        # padded, so the grouped layout (`tile_size`) has nothing to save.
         if capacity is None:
             # Layers refuse dropless expert choice when they are built.
             raise TypeError(

@@ -120,7 +120,13 @@ class Router(keras.layers.Layer):
             f"`{type(self).__name__}` must define `choices_per_token`."
         )
 
-    def route(self, tokens, token_mask=None, capacity=None, training=None):
+    # Whether `route` can lay the routed rows out for the grouped matmul
+    # (`tile_size`, see `keras_moe.ops.grouped_matmul`).
+    supports_grouped_layout = False
+
+    def route(
+        self, tokens, token_mask=None, capacity=None, training=None, tile_size=None
+    ):
         """Decide where the tokens of each group go.
 
         Args:
@@ -130,6 +136,9 @@ class Router(keras.layers.Layer):
             capacity: int or scalar int tensor, slots per expert, or None
                 for dropless routing (where the router supports it).
             training: bool, turns on training-only noise.
+            tile_size: optional int, for routers with
+                `supports_grouped_layout`: put the plan in the grouped
+                layout with tiles of this many rows (others ignore it).
 
         Returns:
             A `RoutingDecision`.

@@ -73,10 +73,18 @@ class TokenChoiceRouter(Router):
     (1, 6, 2)
     """
 
-    def route(self, tokens, token_mask=None, capacity=None, training=None):
+    supports_grouped_layout = True
+
+    def route(
+        self, tokens, token_mask=None, capacity=None, training=None, tile_size=None
+    ):
         routing = self(tokens, training=training)
         plan = compute_dispatch_plan(
-            routing.expert_ids, self.num_experts, capacity, token_mask
+            routing.expert_ids,
+            self.num_experts,
+            capacity,
+            token_mask,
+            tile_size=tile_size,
         )
         return RoutingDecision(
             plan=plan,

@@ -4,8 +4,10 @@
     KERAS_BACKEND=jax python benchmarks/quantization_benchmark.py --quick
 
 For each preset (at its own widths) the float32 model and its
-`model.quantize("int8")` and `model.quantize("float8")` copies are built
-from the same seed:
+`model.quantize("int8")`, `model.quantize("int4")` and
+`model.quantize("float8")` copies are built from the same seed, and one
+mixed recipe: the routed experts (`Experts`) in int4, every other layer
+weight-only int8 (two `model.quantize` calls with complementary `filters`):
 
 - memory: bytes of the routed experts' variables (`*/experts/*`), and of
   every feed-forward variable (routed experts, shared experts and dense
@@ -14,12 +16,14 @@ from the same seed:
   batch, for Keras' default int8 (weights and, per token, activations) and
   weight-only int8 (`Int8QuantizationConfig(activation_quantizer=None)`)
   and float8 (float kernels, each projection computed in float8 with
-  delayed scaling), over several seeds (the models are untrained: near-tied routing choices
+  delayed scaling) and int4 (Keras' default `Int4QuantizationConfig`:
+  packed 4-bit kernels with a float32 scale per output channel and group of
+  128 input rows; Keras' own int4 for the attention), over several seeds (the models are untrained: near-tied routing choices
   can flip, which is what moves the correlation);
 - step time: the median over `--repeats` of a compiled inference step
   (`predict_on_batch`) and of a training step (`train_on_batch`) on
-  `[batch, length]` tokens; int8 kernels are frozen, so the int8 model
-  trains its other weights (float8 trains every weight).
+  `[batch, length]` tokens; int8 and int4 kernels are frozen, so those
+  models train their other weights (float8 trains every weight).
 
 Prints one table per preset, Markdown-ready.
 """
@@ -37,25 +41,33 @@ from keras_moe.layers import FeedForward
 
 import harness
 
-# name -> arguments of `model.quantize`.
+
+def weight_only_int8():
+    return keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+
+
+# name -> the arguments of each `model.quantize` call, in order.
 MODES = {
-    "float32": None,
-    "int8 (W8A8)": {"mode": "int8"},
-    "int8 weight-only": {
-        "mode": "int8",
-        "config": keras.quantizers.Int8QuantizationConfig(activation_quantizer=None),
-    },
-    "float8": {"mode": "float8"},
+    "float32": (),
+    "int8 (W8A8)": ({"mode": "int8"},),
+    "int8 weight-only": ({"mode": "int8", "config": weight_only_int8()},),
+    "float8": ({"mode": "float8"},),
+    "int4 (all layers)": ({"mode": "int4"},),
+    "int4 experts + int8 w-o": (
+        {"mode": "int4", "filters": lambda layer: isinstance(layer, Experts)},
+        {"config": weight_only_int8(),
+         "filters": lambda layer: not isinstance(layer, Experts)},
+    ),
 }
 
 
 def build(name, seed, mode, overrides):
     keras.utils.set_random_seed(seed)
     model = presets.load(name, preprocessor=None, **overrides)
-    if MODES[mode] is not None:
+    for arguments in MODES[mode]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # layers Keras does not quantize
-            model.quantize(**MODES[mode])
+            model.quantize(**arguments)
     return model
 
 
@@ -83,7 +95,7 @@ def run(name, args):
     real = inputs["padding_mask"].astype(bool)
     labels = np.roll(inputs["token_ids"], -1, axis=1)
     rows = []
-    for mode in MODES:
+    for mode in args.modes.split(","):
         correlations = []
         for seed in range(args.seeds):
             model = build(name, seed, mode, overrides)
@@ -126,6 +138,8 @@ def run(name, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--presets", default="mixtral_small,deepseek_small")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="comma-separated names of MODES (float32 first)")
     parser.add_argument("--num-layers", type=int, default=None)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=128)
@@ -134,6 +148,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a smoke run")
     harness.add_idle_argument(parser)
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    if modes[0] != "float32" or not set(modes) <= set(MODES):
+        parser.error(f"--modes: names of {sorted(MODES)}, float32 first. "
+                     f"Received: {args.modes!r}")
     harness.check_idle(refuse=args.require_idle)
     if args.quick:
         # Two layers: deepseek_small's first layer is dense.

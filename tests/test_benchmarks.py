@@ -104,13 +104,16 @@ def test_quantization_benchmark_smoke_run_reports_every_mode():
         assert f"\n{preset} (" in stdout, preset
     rows = [line for line in stdout.splitlines() if line.startswith("| ")]
     modes = [row.split("|")[1].strip() for row in rows]
-    for mode in ("float32", "int8", "float8"):
+    for mode in ("float32", "int8", "float8", "int4"):
         assert any(m.startswith(mode) for m in modes), (mode, modes)
-    # Every quantized row reports int8 experts at least 3.5x smaller.
+    # Every quantized row reports int8 experts at least 3.5x smaller, and
+    # int4 (packed, a scale per group of 128 input rows) at least 7x.
     for row in rows:
         cells = [cell.strip() for cell in row.split("|")[1:-1]]
         if cells[0].startswith("int8"):
             assert float(cells[3].rstrip("x")) >= 3.5, row
+        if cells[0].startswith("int4"):
+            assert float(cells[3].rstrip("x")) >= 7, row
 
 
 @pytest.mark.skipif(

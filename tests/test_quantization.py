@@ -183,11 +183,11 @@ def test_weight_only_int8_survives_saving_inside_a_moe_layer(tmp_path):
     np.testing.assert_array_equal(to_numpy(restored(x)), outputs)
 
 
-@pytest.mark.parametrize("mode", ["int8", "float8"])
+@pytest.mark.parametrize("mode", ["int8", "float8", "int4"])
 def test_saved_mode_is_written_beside_the_weights_and_read_back(mode):
     # A bank inside a MoE layer is rebuilt float (its config is not saved):
     # the saved mode entry tells it what to become. Stores written without
-    # the entry (older files) are still read by their layout.
+    # the entry (older files, before int4) are still read by their layout.
     x = np.random.default_rng(2).normal(size=(2, 3, HIDDEN_DIM)).astype("float32")
     experts = Experts(2, 4)
     experts.build((2, None, HIDDEN_DIM))
@@ -196,7 +196,8 @@ def test_saved_mode_is_written_beside_the_weights_and_read_back(mode):
     experts.save_own_variables(store)
     assert bytes(np.asarray(store["quantization_mode"])).decode() == mode
     outputs = to_numpy(experts(x))
-    for saved in (store, {k: v for k, v in store.items() if k != "quantization_mode"}):
+    legacy = {k: v for k, v in store.items() if k != "quantization_mode"}
+    for saved in (store, legacy) if mode != "int4" else (store,):
         restored = Experts(2, 4)
         restored.build((2, None, HIDDEN_DIM))
         restored.load_own_variables(saved)
@@ -209,19 +210,27 @@ def test_saved_mode_is_written_beside_the_weights_and_read_back(mode):
     assert "quantization_mode" not in float_store
 
 
+def _gptq_config():
+    """A mode the expert kernels do not implement (GPTQ needs calibration)."""
+    return keras.quantizers.GPTQConfig(dataset=["a b"], tokenizer=lambda text: [1, 2])
+
+
+UNSUPPORTED = "mode='gptq'. Supported modes: 'int8', 'float8', 'int4'"
+
+
 def test_unsupported_modes_leave_the_kernels_float():
     experts = Experts(2, 4)
     experts.build((2, None, HIDDEN_DIM))
     # A ValueError, not Keras' NotImplementedError, which `Model.quantize`
     # would turn into a warning, skipping the experts.
-    with pytest.raises(ValueError, match="mode='int4'. Supported modes: 'int8', 'float8'"):
-        experts.quantize("int4")
+    with pytest.raises(ValueError, match=UNSUPPORTED):
+        experts.quantize("gptq", config=_gptq_config())
     assert experts.quantization_mode is None
     assert keras.backend.standardize_dtype(experts.up_kernel.dtype) == "float32"
     inputs = keras.Input((6, HIDDEN_DIM))
     model = keras.Model(inputs, SparseMoE(4, 8, capacity_factor=None)(inputs))
     with pytest.raises(ValueError, match="`Experts` layer 'experts' cannot be quantized"):
-        model.quantize("int4")
+        model.quantize("gptq", config=_gptq_config())
 
 
 @pytest.mark.parametrize("name", ["mixtral_small", "deepseek_small"])
@@ -230,8 +239,8 @@ def test_model_quantize_refuses_a_mode_the_experts_lack_before_changing_anything
     model = testing.tiny_preset(name)
     dtypes = {w.path: w.dtype for w in model.weights}
     for quantizable in (model, model.backbone):
-        with pytest.raises(ValueError, match="mode='int4'. Supported modes: 'int8', 'float8'"):
-            quantizable.quantize("int4")
+        with pytest.raises(ValueError, match=UNSUPPORTED):
+            quantizable.quantize("gptq", config=_gptq_config())
     assert {w.path: w.dtype for w in model.weights} == dtypes
     # The way out the message gives: quantize the other layers only.
     model.quantize(
@@ -475,7 +484,7 @@ def test_float8_experts_train_and_round_trip(tmp_path):
 # LoRA.
 
 
-def _fit_tokens(model, steps=2):
+def _fit_tokens(model, steps=2, epochs=1):
     batch = token_batch(batch=4, length=10, vocabulary_size=64, seed=4)
     labels = np.roll(batch["token_ids"], -1, axis=1)
     model.compile(
@@ -483,16 +492,18 @@ def _fit_tokens(model, steps=2):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         run_eagerly=RUN_EAGERLY,
     )
-    return model.fit(batch, labels, batch_size=2, epochs=1, steps_per_epoch=steps, verbose=0)
+    return model.fit(
+        batch, labels, batch_size=2, epochs=epochs, steps_per_epoch=steps, verbose=0
+    )
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize("quantized", [None, "int8", "int4"], ids=["float", "int8", "int4"])
 def test_lora_on_experts_trains_only_the_lora_weights(quantized, tmp_path):
     model = tiny_preset(vocabulary_size=64, hidden_dim=16, num_query_heads=2,
                         num_key_value_heads=1, moe_intermediate_dim=8)
     if quantized:
         with pytest.warns(UserWarning):
-            model.quantize("int8")
+            model.quantize(quantized)
     model.backbone.enable_lora(2, target_layer_names=["experts"])
     trainable = {w.path for w in model.trainable_weights}
     assert trainable and all("_lora_" in path for path in trainable)
@@ -545,3 +556,4 @@ def test_lora_errors_name_the_problem():
         experts.enable_lora(2)
     with pytest.raises(ValueError, match="`lora_rank` must be an integer >= 1"):
         Experts(2, 4, lora_rank=0)
+

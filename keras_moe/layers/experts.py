@@ -26,8 +26,10 @@ class Experts(FeedForwardWeights):
 
     `keras.Model.quantize("int8")` reaches the stacked kernels: each is
     stored as int8 `[E, d, f]` with a float scale per expert and output
-    channel (`up_kernel_scale [E, f]`), a quarter of the float32 memory.
-    `"float8"` runs the projections in float8 with delayed scaling, and
+    channel (`up_kernel_scale [E, f]`), a quarter of the float32 memory;
+    `"int4"` packs two 4-bit values per byte (`[E, ceil(d / 2), f]`) with
+    a float scale per expert, output channel and group of input rows, about
+    a seventh and a half of the float32 memory. `"float8"` runs the projections in float8 with delayed scaling, and
     `enable_lora(rank)` fine-tunes a low-rank adaptation per expert while
     the kernels stay frozen (see `FeedForwardWeights`).
 

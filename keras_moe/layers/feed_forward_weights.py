@@ -1,56 +1,27 @@
 """The weights of a feed-forward block, shared by `Experts` and `FeedForward`.
 
 `FeedForwardWeights` holds what both layers are made of: the `gate`, `up`
-and `down` projections, their activation, biases, and Keras' quantization
-(int8, float8) and LoRA protocol. A subclass says only what differs: the
-shape of its kernels, how they contract with its inputs, and its own
-arguments.
+and `down` projections, their activation, biases, and Keras' LoRA protocol;
+Keras' quantization protocol (int8, int4, float8) comes from its base,
+`QuantizedProjections`. A subclass says only what differs: the shape of its
+kernels, how they contract with its inputs, and its own arguments.
 """
 
-import gc
-
 import keras
-import numpy as np
 from keras import ops
-from keras import quantizers
 
-from keras_moe.layers.float8_projection import FLOAT8_VARIABLES
-from keras_moe.layers.float8_projection import float8_project
-from keras_moe.layers.int8_projection import dequantize_kernel
-from keras_moe.layers.int8_projection import int8_project
-from keras_moe.layers.int8_projection import quantize_kernel
 from keras_moe.layers.projection_arguments import get_activation
+from keras_moe.layers.quantized_projections import QUANTIZATION_MODES
+from keras_moe.layers.quantized_projections import QuantizedProjections
+from keras_moe.layers.quantized_projections import unsupported_mode_error
 from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_int
 
-# The `model.quantize` modes these kernels implement; Keras' others (int4,
-# gptq, awq) are refused, never skipped.
-QUANTIZATION_MODES = ("int8", "float8")
-# Saved after the int8 variables: whether the inputs are quantized too.
-_INPUTS_QUANTIZED = "inputs_quantized"
-# Saved beside the variables of a quantized layer: its quantization mode,
-# which the config of a layer built by another layer does not carry.
-_SAVED_MODE = "quantization_mode"
+# Re-exported: `keras_moe.models.moe_backbone` checks a model's mode with them.
+__all__ = ["FeedForwardWeights", "QUANTIZATION_MODES", "unsupported_mode_error"]
 
 
-def unsupported_mode_error(mode, layer=None):
-    """The `ValueError` for a quantization mode the kernels cannot take
-    (`layer`: the layer refusing it, `None` for a whole model's check)."""
-    who = (
-        f"`{type(layer).__name__}` layer {layer.name!r}"
-        if layer is not None
-        else "The expert and feed-forward layers (`Experts`, `FeedForward`)"
-    )
-    return ValueError(
-        f"{who} cannot be quantized to mode={mode!r}. Supported modes: "
-        f"{', '.join(repr(m) for m in QUANTIZATION_MODES)}. To quantize only "
-        "the other layers, pass `filters` that leave these out, e.g. "
-        "`model.quantize(mode, filters=lambda layer: not isinstance(layer, "
-        "(Experts, FeedForward)))`, both from `keras_moe.layers`."
-    )
-
-
-class FeedForwardWeights(keras.layers.Layer):
+class FeedForwardWeights(QuantizedProjections):
     """The weights and arithmetic shared by `Experts` and `FeedForward`.
 
     A feed-forward block of two or three projections (`gate`, `up`,
@@ -72,6 +43,14 @@ class FeedForwardWeights(keras.layers.Layer):
       int8 on the fly; `Int8QuantizationConfig(activation_quantizer=None)`
       keeps the inputs in the compute dtype (weight-only int8, more
       accurate).
+    - `quantize("int4")` packs two 4-bit values (`[-8, 7]`, absolute
+      maximum mapped to 7) per int8 byte along the input axis (`up_kernel`
+      int8 `[E, ceil(d / 2), f]`) with float scales per expert and output
+      channel for each group of `block_size` input rows
+      (`up_kernel_scale [E, ceil(d / block_size), f]`; Keras' default
+      `Int4QuantizationConfig` has `block_size=128`), or per expert and
+      output channel only (`block_size=None`: `[E, f]`). The inputs stay
+      in the compute dtype (see `keras_moe.layers.int4_projection`).
     - `quantize("float8")` keeps float kernels and runs each projection in
       float8 with delayed scaling (Keras' float8 training recipe).
     - `enable_lora(rank)` freezes the kernels (and biases) and adds trainable
@@ -80,8 +59,9 @@ class FeedForwardWeights(keras.layers.Layer):
       stacked kernels; saving merges them into the kernels, as Keras does.
 
     The quantization mode is saved as Keras saves it, in the dtype policy
-    of the layer's config (`"int8_from_float32"`), and also beside the
-    weights of a quantized layer, with whether its inputs are quantized:
+    of the layer's config (`"int8_from_float32"`, `"int4/128_from_float32"`),
+    and also beside the weights of a quantized layer, with whether its
+    inputs are quantized (and the int4 block size):
     a layer built by a MoE layer, whose config carries neither, quantizes
     itself to the saved mode when it loads (a custom activation quantizer
     comes back as the default `AbsMaxQuantizer`).
@@ -185,8 +165,8 @@ class FeedForwardWeights(keras.layers.Layer):
         shapes = self._kernel_shapes()
         for variable_name in self._float_variable_names():
             name, kind = variable_name.rsplit("_", 1)
-            if kind == "kernel" and mode == "int8":
-                continue  # `quantized_build` makes the int8 kernels.
+            if kind == "kernel" and mode in ("int8", "int4"):
+                continue  # `quantized_build` makes the integer kernels.
             if kind == "kernel":
                 shape, initializer = shapes[name], kernel_initializer
             else:
@@ -207,19 +187,6 @@ class FeedForwardWeights(keras.layers.Layer):
     def call(self, inputs, training=None):
         return self._feed_forward(inputs, self._float_project)
 
-    def _int8_call(self, inputs, training=None):
-        return self._feed_forward(inputs, self._int8_project)
-
-    def _float8_call(self, inputs, training=None):
-        if self.lora_enabled:
-            raise NotImplementedError(
-                f"`{type(self).__name__}` does not support LoRA in float8 "
-                "mode (neither does `keras.layers.Dense`)."
-            )
-        return self._feed_forward(
-            inputs, lambda x, name: self._float8_project(x, name, training)
-        )
-
     def _feed_forward(self, inputs, project):
         up = project(inputs, "up")
         if self.gated:
@@ -232,237 +199,26 @@ class FeedForwardWeights(keras.layers.Layer):
         outputs = self._contract(inputs, getattr(self, f"{name}_kernel"))
         return self._add_lora_and_bias(inputs, outputs, name)
 
-    def _int8_project(self, inputs, name):
-        outputs = int8_project(
-            inputs,
-            getattr(self, f"{name}_kernel"),
-            getattr(self, f"{name}_kernel_scale"),
-            self._EQUATION,
-            self._INPUT_GRADIENT_EQUATION,
-            inputs_quantizer=self.inputs_quantizer,
-            compute_dtype=self.compute_dtype,
-        )
-        return self._add_lora_and_bias(inputs, outputs, name)
+    def _add_lora_and_bias(self, inputs, outputs, name, contract=None, expand_bias=None):
+        """Add projection `name`'s LoRA term and bias to `outputs`.
 
-    def _float8_project(self, inputs, name, training):
-        outputs = float8_project(
-            inputs,
-            getattr(self, f"{name}_kernel"),
-            {suffix: getattr(self, f"{name}_{suffix}") for suffix in FLOAT8_VARIABLES},
-            self._EQUATION,
-            training=training,
-            compute_dtype=self.compute_dtype,
-        )
-        return self._add_lora_and_bias(inputs, outputs, name)
-
-    def _add_lora_and_bias(self, inputs, outputs, name):
+        `contract(inputs, kernel)` and `expand_bias(bias)` default to this
+        layer's own; the grouped expert path passes its row-wise versions.
+        """
+        contract = contract or self._contract
         if self.lora_enabled:
             lora_a = getattr(self, f"{name}_kernel_lora_a")
             lora_b = getattr(self, f"{name}_kernel_lora_b")
-            low_rank = ops.einsum(
-                self._EQUATION, ops.einsum(self._EQUATION, inputs, lora_a), lora_b
-            )
+            low_rank = contract(contract(inputs, lora_a), lora_b)
             outputs = outputs + ops.cast(
                 self.lora_alpha / self.lora_rank, outputs.dtype
             ) * ops.cast(low_rank, outputs.dtype)
         if self.use_bias:
+            bias = getattr(self, f"{name}_bias")
             # `[..., fan_out]` biases broadcast over the slot axis.
-            outputs = outputs + ops.expand_dims(getattr(self, f"{name}_bias"), -2)
+            bias = ops.expand_dims(bias, -2) if expand_bias is None else expand_bias(bias)
+            outputs = outputs + bias
         return outputs
-
-    # Quantization ----------------------------------------------------------
-
-    def quantize(self, mode=None, type_check=True, config=None):
-        """Quantize the kernels in place: `"int8"` or `"float8"`.
-
-        `keras.Model.quantize` calls it on every layer; the routers of the
-        MoE layers do not implement it and stay float. See the class
-        docstring for what each mode stores.
-
-        Args:
-            mode: `"int8"` or `"float8"`. Other Keras modes (`"int4"`,
-                `"gptq"`, `"awq"`) raise a `ValueError` and leave the layer
-                float: `Model.quantize` would turn a `NotImplementedError`
-                into a warning and leave the experts, most of a MoE model's
-                memory, unquantized without a word.
-            type_check: bool, refuse subclasses that change the forward
-                pass, as Keras' own layers do.
-            config: optional `keras.quantizers.QuantizationConfig`; for int8,
-                its `weight_quantizer` must reduce over the kernel's input
-                axis (-2), and `activation_quantizer=None` keeps the inputs
-                in the compute dtype (weight-only int8).
-        """
-        if type_check and type(self).call is not FeedForwardWeights.call:
-            raise self._not_implemented_error(self.quantize)
-        if mode not in QUANTIZATION_MODES:
-            raise unsupported_mode_error(mode, self)
-        self.quantization_config = config
-        if mode == "int8":
-            quantized = {
-                name: quantize_kernel(
-                    self._merged_kernel(name)
-                    if self.lora_enabled
-                    else getattr(self, f"{name}_kernel"),
-                    config,
-                    layer_name=type(self).__name__,
-                )
-                for name in self.projections
-            }
-            self._delete_variables([f"{name}_kernel" for name in self.projections])
-            self.quantized_build(None, mode, config)
-            for name, (kernel, kernel_scale) in quantized.items():
-                getattr(self, f"{name}_kernel").assign(kernel)
-                getattr(self, f"{name}_kernel_scale").assign(kernel_scale)
-            if self.lora_enabled:
-                self._reset_lora()
-        else:
-            self.quantized_build(None, mode, config)
-        if self.dtype_policy.quantization_mode is None:
-            self.dtype_policy = keras.dtype_policies.get(
-                f"{mode}_from_{self.dtype_policy.name}"
-            )
-
-    def _delete_variables(self, names):
-        """Drop variables, then collect garbage once to free their buffers.
-
-        `keras.layers.Layer.__delattr__` runs a full `gc.collect()` per
-        variable, which takes a second or more in a process holding a large
-        framework.
-        """
-        for name in names:
-            self._untrack_variable(getattr(self, name))
-            super(keras.layers.Layer, self).__delattr__(name)
-        gc.collect()
-
-    def quantized_build(self, input_shape, mode, config=None):
-        """Create the variables of quantization `mode` (kernels built)."""
-        if mode == "int8":
-            self.inputs_quantizer = (
-                quantizers.QuantizationConfig.activation_quantizer_or_default(
-                    config, quantizers.AbsMaxQuantizer()
-                )
-            )
-            for name, shape in self._kernel_shapes().items():
-                self._add_projection_weight(
-                    f"{name}_kernel", shape, "zeros", dtype="int8", trainable=False
-                )
-                self._add_projection_weight(
-                    f"{name}_kernel_scale",
-                    shape[:-2] + shape[-1:],
-                    "ones",
-                    trainable=False,
-                )
-        elif mode == "float8":
-            history_length = getattr(
-                self.dtype_policy,
-                "amax_history_length",
-                keras.dtype_policies.QuantizedFloat8DTypePolicy.default_amax_history_length,
-            )
-            for name in self.projections:
-                for suffix in FLOAT8_VARIABLES:
-                    is_history = suffix.endswith("amax_history")
-                    self._add_projection_weight(
-                        f"{name}_{suffix}",
-                        (history_length,) if is_history else (),
-                        "zeros" if is_history else "ones",
-                        dtype="float32",
-                        trainable=True,
-                        autocast=False,
-                        overwrite_with_gradient=True,
-                    )
-        else:
-            raise unsupported_mode_error(mode, self)
-        self._is_quantized = True
-
-    def _add_projection_weight(self, name, shape, initializer, **kwargs):
-        setattr(
-            self,
-            name,
-            self.add_weight(name=name, shape=shape, initializer=initializer, **kwargs),
-        )
-
-    # Saving ----------------------------------------------------------------
-
-    @property
-    def variable_serialization_spec(self):
-        """The variables saved for each quantization mode, in order."""
-        float_names = self._float_variable_names()
-        return {
-            None: float_names,
-            "int8": float_names
-            + [f"{name}_kernel_scale" for name in self.projections]
-            + [_INPUTS_QUANTIZED],
-            "float8": float_names
-            + [
-                f"{name}_{suffix}"
-                for name in self.projections
-                for suffix in FLOAT8_VARIABLES
-            ],
-        }
-
-    def save_own_variables(self, store):
-        if not self.built:
-            return
-        mode = self.quantization_mode
-        if mode not in self.variable_serialization_spec:
-            raise unsupported_mode_error(mode, self)
-        merged = {}
-        if self.lora_enabled:
-            for name in self.projections:
-                kernel = self._merged_kernel(name)
-                if mode == "int8":
-                    kernel, merged[f"{name}_kernel_scale"] = quantize_kernel(
-                        kernel, layer_name=type(self).__name__
-                    )
-                merged[f"{name}_kernel"] = kernel
-        for index, name in enumerate(self.variable_serialization_spec[mode]):
-            if name == _INPUTS_QUANTIZED:
-                store[str(index)] = np.array(
-                    [self.inputs_quantizer is not None], "int8"
-                )
-            else:
-                store[str(index)] = merged.get(name, getattr(self, name))
-        if mode is not None:
-            store[_SAVED_MODE] = np.frombuffer(mode.encode(), "uint8")
-
-    def load_own_variables(self, store):
-        saved_mode = self._saved_mode(store)
-        if saved_mode is not None and self.quantization_mode is None:
-            # A quantized layer built by another layer comes back with that
-            # layer's float policy: quantize to the saved mode, then load.
-            self.quantize(saved_mode)
-        names = self.variable_serialization_spec.get(self.quantization_mode)
-        saved_count = len(store.keys()) - (_SAVED_MODE in store.keys())
-        if saved_mode != self.quantization_mode or saved_count != len(names):
-            self._check_load_own_variables(store)
-        if not self.built:
-            return
-        for index, name in enumerate(names):
-            if name == _INPUTS_QUANTIZED:
-                quantized = bool(np.asarray(store[str(index)]).any())
-                if not quantized:
-                    self.inputs_quantizer = None
-                elif self.inputs_quantizer is None:
-                    self.inputs_quantizer = quantizers.AbsMaxQuantizer()
-            else:
-                getattr(self, name).assign(store[str(index)])
-        if self.lora_enabled:
-            # The saved kernels hold the merged adaptation.
-            self._reset_lora()
-
-    def _saved_mode(self, store):
-        """The quantization mode `store` was saved in (`None`: float)."""
-        if _SAVED_MODE in store.keys():
-            return np.asarray(store[_SAVED_MODE]).astype("uint8").tobytes().decode()
-        # Files written before the mode was saved beside the weights: each
-        # mode saves its own number of arrays, and int8 kernels come first.
-        modes_by_count = {
-            len(names): mode for mode, names in self.variable_serialization_spec.items()
-        }
-        mode = modes_by_count.get(len(store.keys()))
-        if mode == "int8" and np.dtype(store["0"].dtype) != np.int8:
-            return None
-        return mode
 
     # LoRA ------------------------------------------------------------------
 
@@ -480,8 +236,8 @@ class FeedForwardWeights(keras.layers.Layer):
         `A [..., fan_in, rank]` and `B [..., rank, fan_out]` (one pair per
         expert for stacked kernels). `B` starts at zero, so the layer
         starts as it was. The kernels and biases become non-trainable.
-        Works on float and int8 layers (QLoRA-style: the int8 kernels stay
-        frozen and the adaptation stays float).
+        Works on float, int8 and int4 layers (QLoRA-style: the integer
+        kernels stay frozen and the adaptation stays float).
 
         Args:
             rank: int >= 1, the rank `r` of the adaptation.
@@ -501,9 +257,9 @@ class FeedForwardWeights(keras.layers.Layer):
                 f"rank={self.lora_rank}); it can be enabled once per layer."
             )
         rank = check_int("rank", rank, min_value=1)
-        if self.quantization_mode not in (None, "int8"):
+        if self.quantization_mode not in (None, "int8", "int4"):
             raise NotImplementedError(
-                f"`{type(self).__name__}` supports LoRA on float and int8 "
+                f"`{type(self).__name__}` supports LoRA on float, int8 and int4 "
                 f"kernels. Received: quantization mode "
                 f"{self.quantization_mode!r}"
             )
@@ -532,20 +288,6 @@ class FeedForwardWeights(keras.layers.Layer):
         self.lora_enabled = True
         self.lora_rank = rank
         self.lora_alpha = lora_alpha if lora_alpha is not None else rank
-
-    def _merged_kernel(self, name):
-        """The float kernel with its LoRA adaptation added in."""
-        kernel = getattr(self, f"{name}_kernel")
-        if self.quantization_mode == "int8":
-            kernel = dequantize_kernel(kernel, getattr(self, f"{name}_kernel_scale"))
-        delta = ops.matmul(
-            getattr(self, f"{name}_kernel_lora_a"),
-            getattr(self, f"{name}_kernel_lora_b"),
-        )
-        return ops.cast(
-            ops.cast(kernel, "float32") + (self.lora_alpha / self.lora_rank) * delta,
-            self.variable_dtype,
-        )
 
     def _reset_lora(self):
         for name in self.projections:

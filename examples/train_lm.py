@@ -3,8 +3,12 @@
 Loads a preset (`mixtral_small` by default: 8 SwiGLU experts, top-2 routing,
 grouped-query attention with RoPE, a byte-level tokenizer) with
 `keras_moe.presets.load`, trains it on text with `model.fit` (progress bar,
-validation loss after every epoch, TensorBoard logs), prints a short sample
-from `model.generate()`, and saves the trained model as a `.keras` file.
+validation loss after every epoch, TensorBoard logs), and saves the trained
+model as a `.keras` file. It ends on what the training did: a sample from
+`model.generate()` before and after training, side by side, and the
+validation loss before and after against a simple baseline, the loss of
+byte frequencies alone (a unigram model of the training bytes), with the
+command that trains longer.
 
 The default text is the Python standard library's own source code, read
 from the folder `sysconfig` reports, so nothing is downloaded; pass
@@ -25,6 +29,7 @@ import math
 import sys
 import sysconfig
 import time
+import unicodedata
 from pathlib import Path
 
 import keras
@@ -263,6 +268,113 @@ class TimeBudget(keras.callbacks.Callback):
             self.stopped_at_step = self.steps
 
 
+def unigram_counts(sequences, sequence_length, vocabulary_size, end_token_id):
+    """How often each token is a training label: bytes and end tokens.
+
+    The preprocessor's labels for a sequence are its first
+    `sequence_length - 1` bytes and the end token.
+
+    Args:
+        sequences: the training sequences (strings).
+        sequence_length: the preprocessor's `sequence_length`.
+        vocabulary_size: the number of token ids.
+        end_token_id: the id of the end token.
+    """
+    counts = np.zeros(vocabulary_size, "float64")
+    for sequence in sequences:
+        data = sequence.encode("utf-8")[: sequence_length - 1]
+        counts += np.bincount(
+            np.frombuffer(data, np.uint8), minlength=vocabulary_size
+        )
+        counts[end_token_id] += 1
+    return counts
+
+
+def unigram_loss(counts, labels, sample_weight):
+    """The loss of predicting every token from its frequency alone.
+
+    The cross-entropy (nats per token) of `labels` under the add-one
+    smoothed unigram distribution of `counts`, reduced as Keras reduces
+    the model's loss (weighted sum over all label positions).
+
+    Args:
+        counts: `[vocabulary_size]` token counts (`unigram_counts`).
+        labels: int `[batch, length]` labels.
+        sample_weight: `[batch, length]` weights (0 on padding).
+    """
+    probabilities = (counts + 1) / (counts.sum() + len(counts))
+    labels = np.asarray(labels)
+    weights = np.asarray(sample_weight, "float64")
+    return float(-(np.log(probabilities[labels]) * weights).sum() / weights.size)
+
+
+def printable(text):
+    """`text` with tabs as spaces, and as `·` the characters that would
+    break a column: control characters, wide (CJK) and zero-width ones."""
+    text = text.replace("\t", "    ")
+    return "".join(
+        c
+        if c == "\n"
+        or (
+            c.isprintable()
+            and unicodedata.east_asian_width(c) not in ("W", "F")
+            and not unicodedata.combining(c)
+            and unicodedata.category(c) not in ("Mn", "Me", "Cf")
+        )
+        else "\u00b7"
+        for c in text
+    )
+
+
+def side_by_side(left, right, width=38, titles=("", "")):
+    """Two texts in two columns of `width` characters (long lines wrap).
+
+    Args:
+        left: the text of the left column.
+        right: the text of the right column.
+        width: the width of each column.
+        titles: the headings of the two columns.
+    """
+
+    def column(text):
+        lines = []
+        for line in printable(text).split("\n"):
+            lines += [line[i : i + width] for i in range(0, len(line), width)]
+            if not line:
+                lines.append("")
+        return lines
+
+    left, right = column(left), column(right)
+    left += [""] * (len(right) - len(left))
+    right += [""] * (len(left) - len(right))
+    rows = [(titles[0], titles[1]), ("-" * width, "-" * width)]
+    rows += list(zip(left, right))
+    return "\n".join(f"  {a:<{width}} | {b}".rstrip() for a, b in rows)
+
+
+def longer_run_command(argv, epochs):
+    """The command line of this run with `--epochs` set to `epochs`.
+
+    `--fast` (which fixes a single epoch) and `--time-budget` (which
+    would stop it as early) are left out.
+
+    Args:
+        argv: the command-line arguments of this run.
+        epochs: the number of epochs of the longer run.
+    """
+    kept, skip = [], False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument in ("--epochs", "--time-budget"):
+            skip = True
+        elif argument != "--fast" and not argument.startswith(
+            ("--epochs=", "--time-budget=")
+        ):
+            kept.append(argument)
+    return " ".join(["python", "examples/train_lm.py", *kept, f"--epochs {epochs}"])
+
+
 def make_optimizer(training, learning_rate, total_steps):
     warmup_steps = int(total_steps * training.get("warmup_fraction", 0.1))
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -280,6 +392,7 @@ def make_optimizer(training, learning_rate, total_steps):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     started = time.perf_counter()
     keras.utils.set_random_seed(args.seed)
@@ -349,11 +462,31 @@ def main(argv=None):
     initial_loss = model.evaluate(
         val_sequences, batch_size=batch_size, verbose=0, return_dict=True
     )["loss"]
+    vocabulary_size = model.backbone.vocabulary_size
     print(
         f"Validation loss before training: {initial_loss:.4f} "
-        f"(a uniform guess over the {model.backbone.vocabulary_size} "
-        f"tokens: {math.log(model.backbone.vocabulary_size):.4f})"
+        f"(a uniform guess over the {vocabulary_size} "
+        f"tokens: {math.log(vocabulary_size):.4f})"
     )
+    # The baseline: a model that knows only how often each byte occurs in
+    # the training text, evaluated on the validation labels.
+    counts = unigram_counts(
+        train_sequences,
+        args.sequence_length,
+        vocabulary_size,
+        model.preprocessor.tokenizer.end_token_id,
+    )
+    _, val_labels, val_weights = model.preprocessor(val_sequences)
+    baseline_loss = unigram_loss(counts, val_labels, val_weights)
+    print(
+        f"Bytes-unigram baseline on the validation text: {baseline_loss:.4f} "
+        "(byte frequencies of the training text, no context)"
+    )
+    prompt_length = len(args.prompt.encode("utf-8")) + 1  # + start token.
+    max_length = prompt_length + args.sample_length
+    sample_before = None
+    if args.sample_length > 0:
+        sample_before = model.generate(args.prompt, max_length=max_length)
 
     tensorboard_dir = args.tensorboard_dir or args.output_dir / "tensorboard"
     callbacks = [keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir))]
@@ -371,7 +504,9 @@ def main(argv=None):
         callbacks=callbacks,
         verbose=1,
     )
+    steps_done = total_steps
     if budget and budget.stopped_at_step:
+        steps_done = budget.stopped_at_step
         print(
             f"Stopped after {budget.stopped_at_step} steps: the time budget "
             f"of {args.time_budget:g}s was used up."
@@ -388,19 +523,61 @@ def main(argv=None):
         f"({final_val_loss / math.log(2):.2f} bits per token)"
     )
 
-    if args.sample_length > 0:
-        prompt_length = len(args.prompt.encode("utf-8")) + 1  # + start token.
-        sample = model.generate(
-            args.prompt, max_length=prompt_length + args.sample_length
-        )
-        print(f"Sample from generate() (prompt {args.prompt!r}):")
-        print(sample)
-
     args.output_dir.mkdir(parents=True, exist_ok=True)
     model_path = args.output_dir / f"{args.preset}.keras"
     model.save(model_path)
     print(f"Saved the trained model to {model_path}.")
     print(f"TensorBoard logs: tensorboard --logdir {tensorboard_dir}")
+
+    # The ending: what training did, side by side and against a baseline.
+    print()
+    if sample_before is not None:
+        sample_after = model.generate(args.prompt, max_length=max_length)
+        print(
+            f"Sample from generate() (prompt {args.prompt!r}), before and "
+            "after training:"
+        )
+        print(
+            side_by_side(
+                sample_before,
+                sample_after,
+                titles=("before training", f"after {steps_done} steps"),
+            )
+        )
+        print()
+    gain = baseline_loss - final_val_loss
+    print("Validation loss, nats per token (lower is better):")
+    print(f"  before training:         {initial_loss:.4f}")
+    print(f"  bytes-unigram baseline:  {baseline_loss:.4f}")
+    print(
+        f"  after {steps_done} steps:{' ' * max(1, 12 - len(str(steps_done)))}"
+        f"{final_val_loss:.4f}  "
+        + (
+            f"({gain:.2f} below the baseline: the model uses the context "
+            "before each byte, not only byte frequencies)"
+            if gain > 0
+            else f"({-gain:.2f} above the baseline: not yet better than "
+            "byte frequencies; train longer)"
+        )
+    )
+    val_losses = history.history["val_loss"]
+    if len(val_losses) >= 2 and val_losses[-1] < val_losses[-2]:
+        print(
+            f"{steps_done} steps are a short run: the validation loss was "
+            f"still falling at the end ({val_losses[-2]:.4f} -> "
+            f"{val_losses[-1]:.4f} over the last epoch), so more steps lower "
+            "it further and the samples become more like the training text. "
+            "Four times as many steps (about four times as long):"
+        )
+    else:
+        print(
+            f"{steps_done} steps are a short run: more steps usually lower "
+            "the validation loss further, and the samples become more like "
+            "the training text. Four times as many steps (about four times "
+            "as long):"
+        )
+    epochs = parse_args([]).epochs if args.fast else args.epochs
+    print(f"  {longer_run_command(argv, epochs * 4)}")
     print(f"Done in {time.perf_counter() - started:.1f}s.")
 
 

@@ -219,3 +219,63 @@ def test_new_examples_have_help(script, capsys):
         example.parse_args(["--help"])
     assert exit_info.value.code == 0
     assert "--fast" in capsys.readouterr().out
+
+
+# --- train_lm.py (`make demo`): its ending shows what training did ----------
+
+
+@runs_on("torch")
+def test_train_lm_ends_with_samples_side_by_side_and_a_baseline(tmp_path):
+    result = run_example("train_lm.py", "--fast", f"--output-dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout
+    ending = output[output.index("before and after training"):]
+    assert re.search(r"before training\s+\| after 2 steps", ending), ending
+    losses = {
+        label: float(value)
+        for label, value in re.findall(
+            r"^  (before training|bytes-unigram baseline|after 2 steps):\s+(\d+\.\d+)",
+            ending,
+            re.MULTILINE,
+        )
+    }
+    assert set(losses) == {"before training", "bytes-unigram baseline", "after 2 steps"}
+    # Byte frequencies beat a uniform guess over the 259 tokens by far.
+    assert 1.0 < losses["bytes-unigram baseline"] < math.log(259) - 1
+    assert "Bytes-unigram baseline on the validation text" in output
+    # The command for a longer run: `--fast` left out, four times the epochs.
+    assert f"python examples/train_lm.py --output-dir={tmp_path} --epochs 24" in ending
+
+
+def test_train_lm_unigram_baseline_is_the_byte_entropy():
+    example = load_example("train_lm.py")
+    # Training labels: 'a' and 'b' alike, and one end token per sequence.
+    counts = example.unigram_counts(["abab" * 25] * 4, 101, 259, 257)
+    assert counts[97] == counts[98] == 200 and counts[257] == 4
+    assert counts.sum() == 404
+    labels = np.array([[97, 98, 97, 98]])
+    loss = example.unigram_loss(counts, labels, np.ones((1, 4)))
+    assert loss == pytest.approx(-math.log(201 / (404 + 259)))
+    # Weights as Keras reduces them: zero weights still count in the mean.
+    half = example.unigram_loss(counts, labels, np.array([[1, 1, 0, 0]]))
+    assert half == pytest.approx(loss / 2)
+
+
+def test_train_lm_side_by_side_and_longer_run_command():
+    example = load_example("train_lm.py")
+    text = example.side_by_side(
+        "def a\n\tb\x01\u68b4", "def " + "x" * 12, width=8,
+        titles=("before", "after"),
+    )
+    assert text.splitlines() == [
+        "  before   | after",
+        "  -------- | --------",
+        "  def a    | def xxxx",
+        "      b··  | xxxxxxxx",
+    ]
+    command = example.longer_run_command(
+        ["--fast", "--epochs", "3", "--preset", "switch_small", "--epochs=5",
+         "--time-budget", "60"],
+        24,
+    )
+    assert command == "python examples/train_lm.py --preset switch_small --epochs 24"

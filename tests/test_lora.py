@@ -93,3 +93,22 @@ def test_lora_weights_save_and_load_for_every_target(name, targets, tmp_path):
     wider = _lora_model(name, saved_targets + [extra])
     with pytest.raises(ValueError, match="has no LoRA weights for layer"):
         wider.backbone.load_lora_weights(path)
+
+
+def test_lora_state_survives_presets_unmerged(tmp_path):
+    # `save_to_preset` / `presets.load`: LoRA comes back enabled on the same
+    # layers, with the base kernels and factors as they were (unmerged), so
+    # fine-tuning continues from the same point.
+    model = _lora_model("deepseek_small", ["kv_b_proj", "experts"])
+    rng = np.random.default_rng(1)
+    for weight in model.trainable_weights:
+        weight.assign(rng.normal(scale=0.1, size=weight.shape).astype("float32"))
+    restored = testing.reload_preset(model, tmp_path)
+    assert restored.backbone.get_config()["lora_target_layer_names"] == [
+        "kv_b_proj", "experts"
+    ]
+    assert [w.path for w in restored.trainable_weights] == [
+        w.path for w in model.trainable_weights
+    ]
+    for saved, loaded in zip(model.weights, restored.weights):
+        np.testing.assert_array_equal(to_numpy(loaded), to_numpy(saved), err_msg=saved.path)

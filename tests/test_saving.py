@@ -2,7 +2,10 @@
 in safe mode (and presets through `save_to_preset`), balancing bias
 included, with the same weights and bit-identical outputs."""
 
+import warnings
+
 import keras
+import keras_hub
 import numpy as np
 import pytest
 
@@ -20,7 +23,9 @@ from keras_moe.layers import TopKRouter
 from testing import TINY_PRESET_OVERRIDES
 from testing import run_layer_test
 from testing import run_preset_test
+from testing import tiny_preset
 from testing import to_numpy
+from testing import token_batch
 
 HIDDEN_DIM = 8
 
@@ -120,3 +125,114 @@ PRESETS_PER_BACKEND = (
 @pytest.mark.parametrize("name", PRESETS_PER_BACKEND)
 def test_every_preset_round_trips_through_keras_files_and_presets(name, tmp_path):
     run_preset_test(name, tmp_path=tmp_path)
+
+
+# A compiled `MoECausalLM`: the optimizer (and its state), the loss and the
+# sampler come back with `load_model`, and `fit` resumes where it stopped.
+
+
+def _train_batch():
+    batch = token_batch(batch=4, length=10, vocabulary_size=64, seed=4)
+    return batch, np.roll(batch["token_ids"], -1, axis=1)
+
+
+def _fit(model, epochs=1):
+    x, y = _train_batch()
+    history = model.fit(x, y, batch_size=2, epochs=epochs, shuffle=False, verbose=0)
+    return history.history["loss"]
+
+
+@pytest.mark.parametrize(
+    "lora_targets, quantized",
+    [(None, False), (["query", "value", "experts"], False), (["experts"], True)],
+    ids=["full", "lora", "int8-lora"],
+)
+def test_load_model_keeps_optimizer_sampler_and_resumes_fit(
+    lora_targets, quantized, tmp_path
+):
+    model = tiny_preset("mixtral_small")
+    if quantized:
+        with pytest.warns(UserWarning):  # layers without `quantize`
+            model.quantize("int8")
+    if lora_targets:
+        model.backbone.enable_lora(2, target_layer_names=lora_targets)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(3e-3, weight_decay=0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        sampler=keras_hub.samplers.TopKSampler(k=5, seed=1),
+    )
+    _fit(model)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = keras.saving.load_model(path, safe_mode=True)
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "compile()" in m or "optimizer" in m], messages
+
+    optimizer = restored.optimizer
+    assert isinstance(optimizer, keras.optimizers.AdamW)
+    assert optimizer.get_config() == model.optimizer.get_config()
+    assert type(restored.sampler) is keras_hub.samplers.TopKSampler
+    assert restored.sampler.k == 5
+    assert type(restored.loss) is keras.losses.SparseCategoricalCrossentropy
+    # The LoRA state: the same trainable variables, the optimizer's state
+    # (Adam moments, iterations) for each, and identical outputs.
+    assert [v.path for v in restored.trainable_variables] == [
+        v.path for v in model.trainable_variables
+    ]
+    if lora_targets:
+        assert all("lora" in v.path for v in restored.trainable_variables)
+    assert len(optimizer.variables) == len(model.optimizer.variables)
+    for saved, loaded in zip(model.optimizer.variables, optimizer.variables):
+        np.testing.assert_array_equal(to_numpy(loaded), to_numpy(saved))
+    assert int(to_numpy(optimizer.iterations)) == 2
+    x, _ = _train_batch()
+    np.testing.assert_array_equal(to_numpy(restored(x)), to_numpy(model(x)))
+    # The same sampler, seeded alike: the same generated tokens.
+    prompt = {"token_ids": np.pad(x["token_ids"][:1, :3], ((0, 0), (0, 5))),
+              "padding_mask": np.arange(8)[None] < 3}
+    np.testing.assert_array_equal(
+        to_numpy(restored.generate(prompt, stop_token_ids=None)["token_ids"]),
+        to_numpy(model.generate(prompt, stop_token_ids=None)["token_ids"]),
+    )
+
+    # Training resumes with the same numbers as the original model.
+    np.testing.assert_allclose(_fit(restored, 2), _fit(model, 2), rtol=1e-6)
+    for saved, loaded in zip(model.weights, restored.weights):
+        np.testing.assert_allclose(
+            to_numpy(loaded), to_numpy(saved), rtol=1e-6, atol=1e-7, err_msg=saved.path
+        )
+
+
+def test_lora_state_from_other_targets_or_ranks_fails_naming_the_layer(tmp_path):
+    model = tiny_preset("mixtral_small")
+    model.backbone.enable_lora(2, target_layer_names=["experts"])
+    path = str(tmp_path / "lora.weights.h5")
+    model.save_weights(path)
+    other_targets = tiny_preset("mixtral_small")
+    other_targets.backbone.enable_lora(2, target_layer_names=["query"])
+    with pytest.raises(ValueError, match="The saved LoRA state has no variable"):
+        other_targets.load_weights(path)
+    other_rank = tiny_preset("mixtral_small")
+    other_rank.backbone.enable_lora(3, target_layer_names=["experts"])
+    with pytest.raises(ValueError, match=r"The saved LoRA state of '.*experts.*' has shape"):
+        other_rank.load_weights(path)
+    with pytest.raises(ValueError, match="must be a dict from `get_compile_config"):
+        model.compile_from_config("adam")
+
+
+def test_load_model_of_a_model_compiled_but_never_trained(tmp_path):
+    # Its optimizer was never built: it loads as it was saved, and `fit`
+    # then builds it as usual.
+    model = tiny_preset("mixtral_small")
+    model.compile(optimizer=keras.optimizers.SGD(0.5), sampler="greedy")
+    path = tmp_path / "model.keras"
+    model.save(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = keras.saving.load_model(path)
+    assert not [str(w.message) for w in caught if "optimizer" in str(w.message)]
+    assert isinstance(restored.optimizer, keras.optimizers.SGD)
+    assert type(restored.sampler) is keras_hub.samplers.GreedySampler
+    assert np.isfinite(_fit(restored)).all()

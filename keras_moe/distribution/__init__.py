@@ -49,7 +49,16 @@ model.fit(texts, batch_size=8 * strategy.num_replicas_in_sync)
 
 On TPUs, shapes must be static: keep whole batches (a `tf.data` pipeline with
 `drop_remainder=True`); dropless routing then sizes its buffers by the bound.
+
+A batch axis of `n` devices splits every batch into `n` equal shards.
+`MoECausalLM` pads the batches it makes to a multiple of `n`
+(`keras_moe.distribution.batch_padding`): `generate()` (a single prompt
+too) and `predict()` on arrays or text with copies of the last row, whose
+outputs are dropped; `fit` and `evaluate` with rows of sample weight 0, the
+loss and gradients staying those of the real rows. A dataset given to
+`predict` must have batches that divide, or a ValueError says so.
 """
 
+from keras_moe.distribution import batch_padding
 from keras_moe.distribution import expert_parallel
 from keras_moe.distribution.layout_map import get_layout_map

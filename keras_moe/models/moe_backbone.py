@@ -13,9 +13,12 @@ otherwise; an explicit `moe_layers` list replaces that rule (Qwen-MoE's
 `keras_moe.models.backbone_config`.
 """
 
+import weakref
+
 import keras
 import numpy as np
 from keras.src.saving import saving_lib
+from keras.src.saving.keras_saveable import KerasSaveable
 from keras.src.quantizers.utils import should_quantize_layer
 from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
@@ -67,9 +70,9 @@ def check_quantization_mode(model, mode, filters=None):
     >>> from keras_moe.layers import FeedForward
     >>> inputs = keras.Input((4,))
     >>> model = keras.Model(inputs, FeedForward(8, name="ffn")(inputs))
-    >>> check_quantization_mode(model, "int8")
-    >>> check_quantization_mode(model, "int4", filters="attention")
     >>> check_quantization_mode(model, "int4")
+    >>> check_quantization_mode(model, "gptq", filters="attention")
+    >>> check_quantization_mode(model, "gptq")
     Traceback (most recent call last):
     ...
     ValueError: The expert and feed-forward layers ...
@@ -166,7 +169,11 @@ class MoEBackbone(Backbone):
             projection.
         dropout: float in `[0, 1)`, residual and attention dropout.
         dtype: dtype policy of the model.
-        **kwargs: `keras_hub.models.Backbone` arguments (`name`, ...).
+        **kwargs: `keras_hub.models.Backbone` arguments (`name`, ...), and
+            `lora_rank` with `lora_target_layer_names`, which `get_config`
+            adds after `enable_lora`: the backbone is then built with LoRA
+            enabled on those layers (what a saved model needs before its
+            weights and optimizer state load).
 
     Example:
 
@@ -223,6 +230,8 @@ class MoEBackbone(Backbone):
         dtype=None,
         **kwargs,
     ):
+        lora_rank = kwargs.pop("lora_rank", None)
+        lora_target_layer_names = kwargs.pop("lora_target_layer_names", None)
         config = validated_config(
             vocabulary_size=vocabulary_size,
             num_layers=num_layers,
@@ -308,9 +317,23 @@ class MoEBackbone(Backbone):
         for key, value in config.items():
             setattr(self, key, value)
 
+        # === LoRA, from a saved config ===
+        # Before the weights load, and before `compile_from_config` builds
+        # the optimizer on the trainable variables: the LoRA factors and the
+        # frozen flags are then those of the model that was saved.
+        if lora_rank is not None:
+            self.enable_lora(
+                lora_rank, target_layer_names=lora_target_layer_names
+            )
+
     def get_config(self):
         config = super().get_config()
         config.update({key: getattr(self, key) for key in CONFIG_KEYS})
+        if getattr(self, "_lora_enabled_layers", []):
+            config["lora_rank"] = self._lora_rank
+            config["lora_target_layer_names"] = list(
+                self._lora_target_layer_names
+            )
         if config["moe_options"] is not None:
             config["moe_options"] = dict(config["moe_options"])
         if config["moe_layers"] is not None:
@@ -393,6 +416,9 @@ class MoEBackbone(Backbone):
             )
         super().enable_lora(rank, target_layer_names=target_layer_names)
         self._lora_target_layer_names = target_layer_names
+        # Saving (`save`, `save_weights`, presets) then also stores the
+        # adapted layers unmerged; see `_LoRAState`.
+        self._lora_state = _LoRAState(self)
 
     def save_lora_weights(self, filepath):
         """Save the LoRA factors of every adapted layer to a `.lora.h5` file.
@@ -479,6 +505,78 @@ class MoEBackbone(Backbone):
             for layer in self._flatten_layers(include_self=False)
             if layer.weights
         ]
+
+
+class _LoRAState(KerasSaveable):
+    """The adapted layers' variables, saved unmerged beside the weights.
+
+    Keras' `EinsumDense` (and `FeedForwardWeights`, as Keras does) save a
+    LoRA layer's kernel with the adaptation merged in and reset the factors
+    when loading: the outputs survive, but training cannot resume where it
+    stopped (the base kernel, the factors and, for int8 kernels, the
+    quantization all change). `MoEBackbone.enable_lora` attaches this
+    object; Keras' saving visits it after every layer of the backbone
+    (attributes after layers), so loading puts back each adapted layer's
+    own variables (base kernels, scales, biases and factors) exactly as
+    they were saved, after the layers have loaded their merged kernels.
+    Files without these entries (saved before LoRA was enabled, or by an
+    older version) load as before.
+    """
+
+    def __init__(self, backbone):
+        self._backbone = weakref.ref(backbone)
+        self._error = None
+
+    def _obj_type(self):
+        return "Operation"
+
+    def _variables(self):
+        backbone = self._backbone()
+        layers = backbone._weighted_layers()
+        for index in getattr(backbone, "_lora_enabled_layers", []):
+            for variable in layers[index].variables:
+                yield f"{index}.{variable.name}", variable, layers[index]
+
+    def save_own_variables(self, store):
+        for key, variable, _ in self._variables():
+            store[key] = variable
+
+    def load_own_variables(self, store):
+        keys = set(store.keys())
+        if not keys:
+            # Keras visits the backbone again by another path (`backbone`
+            # after `layers/...`), with nothing stored there: a failure on
+            # the first visit must not be cleared by the second.
+            if self._error is not None:
+                raise self._error
+            return
+        try:
+            self._load(store, keys)
+        except ValueError as error:
+            self._error = error
+            raise
+        self._error = None
+
+    def _load(self, store, keys):
+        # Read everything first: `store` is the file's current entry.
+        values = {key: store[key] for key in keys}
+        expected = {}
+        for key, variable, layer in self._variables():
+            if key not in values:
+                raise ValueError(
+                    f"The saved LoRA state has no variable {variable.name!r} "
+                    f"for layer {layer.path!r}: the file was saved from a "
+                    "model with other LoRA targets or quantization."
+                )
+            if tuple(values[key].shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"The saved LoRA state of {variable.path!r} has shape "
+                    f"{tuple(values[key].shape)}; the model's is "
+                    f"{tuple(variable.shape)}."
+                )
+            expected[key] = variable
+        for key, variable in expected.items():
+            variable.assign(values[key])
 
 
 def _lora_variables(layer):

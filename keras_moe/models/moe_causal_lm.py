@@ -1,11 +1,18 @@
+import contextlib
+import weakref
 from collections.abc import Mapping
 
 import keras
 import keras_hub
+import numpy as np
 from keras import ops
 from keras_hub.models import CausalLM
 from keras_hub.src.utils.tensor_utils import any_equal
 
+from keras_moe.distribution.batch_padding import data_parallel_size
+from keras_moe.distribution.batch_padding import first_rows
+from keras_moe.distribution.batch_padding import pad_inputs
+from keras_moe.distribution.batch_padding import pad_training_batch
 from keras_moe.models.moe_backbone import MoEBackbone
 from keras_moe.models.moe_backbone import check_quantization_mode
 from keras_moe.models.moe_causal_lm_preprocessor import MoECausalLMPreprocessor
@@ -22,6 +29,21 @@ _MISSING_LABELS = (
 )
 
 
+def _rows_of_arrays(x):
+    """The number of samples of array or text inputs; `None` for datasets."""
+    if isinstance(x, Mapping):
+        x = next(iter(x.values()), None)
+    if isinstance(x, str):
+        return 1
+    if isinstance(x, (list, tuple)) or hasattr(x, "shape"):
+        shape = getattr(x, "shape", None)
+        if shape is not None and len(shape) > 0 and shape[0] is not None:
+            return int(shape[0])
+        if isinstance(x, (list, tuple)):
+            return len(x)
+    return None
+
+
 def _check_tokenized_arrays(x, y, needs_labels):
     """Check `{"token_ids", "padding_mask"}` inputs given to fit/evaluate/predict."""
     # Checked before Keras starts: an error inside a JAX training step leaves
@@ -32,6 +54,66 @@ def _check_tokenized_arrays(x, y, needs_labels):
     check_tokenized_inputs(x, "x")
     if needs_labels and y is None:
         raise ValueError(_MISSING_LABELS)
+
+
+@contextlib.contextmanager
+def _indivisible_batches_explained():
+    """Turn JAX's `IndivisibleError` about the batch into a clear error.
+
+    `MoECausalLM` pads the batches it makes (see
+    `keras_moe.distribution.batch_padding`); batches it cannot see before
+    Keras splits them (a `tf.data` dataset given to `predict`, data fed
+    by several processes unevenly) still have to divide.
+    """
+    try:
+        yield
+    except ValueError as error:
+        if type(error).__name__ != "IndivisibleError":
+            raise
+        size = data_parallel_size()
+        raise ValueError(
+            "Under the current `keras.distribution`, every batch is split "
+            f"over the {size} devices of its batch axis, so each batch size "
+            f"must be a multiple of {size}. `fit`, `evaluate`, `predict` on "
+            "arrays or text and `generate` pad their batches to that "
+            "multiple; for a dataset, batch it with a batch size that is a "
+            f"multiple of {size} and `drop_remainder=True` (or pad it). "
+            f"JAX's error: {error}"
+        ) from error
+
+
+def _build_optimizer_before_loading_its_state(model):
+    """Create the optimizer's variables just before `load_model` loads them.
+
+    Keras builds a loaded model's optimizer in `compile_from_config`, before
+    the weights load; but some layers only reach their saved state while
+    loading (a quantized `Experts` layer comes back float and quantizes
+    from the file), so the trainable variables would not yet be those of
+    the saved model. Keras loads the optimizer after every layer: building
+    it then, on the model's trainable variables, gives the saved number of
+    variables in the saved order. Outside `load_model`, `fit()` builds it
+    as usual.
+    """
+    optimizer = model.optimizer
+    if optimizer is None or optimizer.built:
+        return
+    model_ref = weakref.ref(model)
+    load_state = type(optimizer).load_own_variables
+
+    def load_own_variables(store):
+        del optimizer.load_own_variables  # back to the class's method
+        restored = model_ref()
+        # An optimizer saved before it was built (compiled, never trained)
+        # holds only its iteration count and learning rate.
+        if (
+            restored is not None
+            and not optimizer.built
+            and len(store.keys()) != len(optimizer.variables)
+        ):
+            optimizer.build(restored.trainable_variables)
+        load_state(optimizer, store)
+
+    optimizer.load_own_variables = load_own_variables
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -48,6 +130,12 @@ class MoECausalLM(CausalLM):
     padding mask as `sample_weight`), and `generate()` samples autoregressively with a
     cache: strings in and out with a preprocessor, token ids (and
     `stop_token_ids`) without one. The sampler is chosen in `compile()`.
+
+    `keras.saving.load_model` restores the `compile()` arguments (the
+    sampler included) and the optimizer's state, so `fit()` resumes where
+    the saved model stopped, LoRA fine-tuning included. Under a
+    data-parallel `keras.distribution`, batches whose size the batch axis
+    does not divide are padded (see `keras_moe.distribution.batch_padding`).
 
     With a capacity-limited MoE (`capacity_factor` set), which tokens are
     dropped depends on the whole routed batch, so cached generation (one
@@ -121,15 +209,109 @@ class MoECausalLM(CausalLM):
 
     def fit(self, x=None, y=None, *args, **kwargs):
         _check_tokenized_arrays(x, y, needs_labels=self.loss is not None)
-        return super().fit(x, y, *args, **kwargs)
+        with _indivisible_batches_explained():
+            return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         _check_tokenized_arrays(x, y, needs_labels=self.loss is not None)
-        return super().evaluate(x, y, *args, **kwargs)
+        with _indivisible_batches_explained():
+            return super().evaluate(x, y, *args, **kwargs)
 
-    def predict(self, x, *args, **kwargs):
+    def predict(self, x, batch_size=None, **kwargs):
         _check_tokenized_arrays(x, None, needs_labels=False)
-        return super().predict(x, *args, **kwargs)
+        multiple = data_parallel_size(process_local=True)
+        rows = _rows_of_arrays(x)
+        if multiple == 1 or not rows:
+            with _indivisible_batches_explained():
+                return super().predict(x, batch_size=batch_size, **kwargs)
+        # Each batch is padded to a multiple of the data-parallel size
+        # (`preprocess_samples`); its padding rows are dropped here.
+        self._pad_predict_batches = True
+        try:
+            with _indivisible_batches_explained():
+                outputs = super().predict(x, batch_size=batch_size, **kwargs)
+        finally:
+            self._pad_predict_batches = False
+        batch_size = batch_size or 32
+        kept, start = [], 0
+        for first in range(0, rows, batch_size):
+            real = min(batch_size, rows - first)
+            kept.append((start, start + real))
+            start += real + (-real % multiple)
+
+        def unpad(array):
+            return np.concatenate([array[a:b] for a, b in kept if a < len(array)])
+
+        return keras.tree.map_structure(unpad, outputs)
+
+    def preprocess_samples(self, x, y=None, sample_weight=None):
+        """Preprocess one batch, and pad it for a data-parallel distribution.
+
+        `fit`, `evaluate` and `predict` map this over every batch. Under a
+        `keras.distribution` that splits batches over `n` devices (see
+        `keras_moe.distribution.batch_padding`), a batch whose size is not a
+        multiple of `n` is padded: training and evaluation batches with
+        rows of weight 0 (the loss stays that of the real rows), prediction
+        batches with copies of their last row (dropped by `predict`).
+
+        Args:
+            x: the inputs: text, or `{"token_ids", "padding_mask"}`.
+            y: optional labels.
+            sample_weight: optional sample weights.
+
+        Returns:
+            `(x, y, sample_weight)` as `keras.utils.pack_x_y_sample_weight`
+            makes them.
+
+        Example:
+
+        >>> import numpy as np
+        >>> from keras_moe.models import MoEBackbone
+        >>> backbone = MoEBackbone(
+        ...     vocabulary_size=16, num_layers=1, hidden_dim=8,
+        ...     num_query_heads=2, num_experts=2, top_k=1,
+        ...     moe_intermediate_dim=8)
+        >>> causal_lm = MoECausalLM(backbone)
+        >>> x = {"token_ids": np.ones((3, 4), "int32"),
+        ...      "padding_mask": np.ones((3, 4), "int32")}
+        >>> data = causal_lm.preprocess_samples(x, np.ones((3, 4), "int32"))
+        >>> data[0] is x  # no distribution: unchanged
+        True
+        """
+        data = super().preprocess_samples(x, y=y, sample_weight=sample_weight)
+        multiple = data_parallel_size(process_local=True)
+        if multiple == 1:
+            return data
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if getattr(self, "_pad_predict_batches", False):
+            return pad_inputs(x, multiple)[0]
+        reduction = getattr(self.loss, "reduction", "sum_over_batch_size")
+        return pad_training_batch(data, multiple, loss_reduction=reduction)
+
+    def _normalize_generate_inputs(self, inputs):
+        # Under a data-parallel distribution each prompt batch is padded
+        # with copies of its last prompt to a multiple of the number of
+        # batch shards (a single prompt included); the copies' outputs are
+        # dropped in `_normalize_generate_outputs`.
+        batches, input_is_scalar = super()._normalize_generate_inputs(inputs)
+        multiple = data_parallel_size()
+        self._generate_batch_rows = None
+        if multiple == 1:
+            return batches, input_is_scalar
+        padded = [pad_inputs(batch, multiple) for batch in batches]
+        self._generate_batch_rows = tuple(real for _, real in padded)
+        return [batch for batch, _ in padded], input_is_scalar
+
+    def _normalize_generate_outputs(self, outputs, input_is_scalar):
+        rows = getattr(self, "_generate_batch_rows", None)
+        if rows is not None:
+            self._generate_batch_rows = None
+            outputs = [first_rows(out, real) for out, real in zip(outputs, rows)]
+        return super()._normalize_generate_outputs(outputs, input_is_scalar)
+
+    def generate(self, inputs, *args, **kwargs):
+        with _indivisible_batches_explained():
+            return super().generate(inputs, *args, **kwargs)
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -146,6 +328,79 @@ class MoECausalLM(CausalLM):
         if y is None and self.loss is not None:
             raise ValueError(_MISSING_LABELS)
         return super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def get_compile_config(self):
+        """The arguments of `compile()`, saved with the model: Keras' own
+        (optimizer, loss, metrics, ...) and the `sampler`.
+
+        Returns:
+            A dict, empty if the model was not compiled.
+
+        Example:
+
+        >>> import keras, keras_hub
+        >>> from keras_moe.models import MoEBackbone
+        >>> backbone = MoEBackbone(
+        ...     vocabulary_size=16, num_layers=1, hidden_dim=8,
+        ...     num_query_heads=2, num_experts=2, top_k=1,
+        ...     moe_intermediate_dim=8)
+        >>> causal_lm = MoECausalLM(backbone)
+        >>> causal_lm.compile(optimizer=keras.optimizers.AdamW(1e-3),
+        ...                   sampler=keras_hub.samplers.TopKSampler(k=5))
+        >>> config = causal_lm.get_compile_config()
+        >>> config["sampler"]["class_name"], config["sampler"]["config"]["k"]
+        ('TopKSampler', 5)
+        """
+        config = super().get_compile_config()
+        sampler = getattr(self, "sampler", None)
+        if config and sampler is not None:
+            config = dict(config)
+            config["sampler"] = keras_hub.samplers.serialize(sampler)
+        return config
+
+    def compile_from_config(self, config):
+        """Compile with a saved `get_compile_config()`: `load_model` calls it.
+
+        `keras.Model.compile_from_config` skips models with their own
+        `compile()` (with a warning), which left a loaded model with
+        keras-hub's default optimizer and sampler. Here the saved
+        optimizer, loss, metrics and sampler are used, and the optimizer's
+        variables are created once the saved weights are in place (the
+        trainable variables are final then: LoRA factors and quantized
+        kernels included), so that `load_model` restores its state and
+        `fit()` resumes where the saved model stopped.
+
+        Args:
+            config: a dict from `get_compile_config()`.
+
+        Example:
+
+        >>> import keras
+        >>> from keras_moe.models import MoEBackbone
+        >>> backbone = MoEBackbone(
+        ...     vocabulary_size=16, num_layers=1, hidden_dim=8,
+        ...     num_query_heads=2, num_experts=2, top_k=1,
+        ...     moe_intermediate_dim=8)
+        >>> causal_lm = MoECausalLM(backbone)
+        >>> causal_lm.compile(optimizer=keras.optimizers.SGD(0.5),
+        ...                   sampler="greedy")
+        >>> restored = MoECausalLM(backbone)
+        >>> restored.compile_from_config(causal_lm.get_compile_config())
+        >>> type(restored.optimizer).__name__, type(restored.sampler).__name__
+        ('SGD', 'GreedySampler')
+        """
+        if not isinstance(config, Mapping):
+            raise ValueError(
+                "`config` must be a dict from `get_compile_config()`. "
+                f"Received: config={config!r}"
+            )
+        config = dict(config)
+        sampler = config.pop("sampler", None)
+        config = keras.saving.deserialize_keras_object(config)
+        if sampler is not None:
+            config["sampler"] = keras_hub.samplers.deserialize(sampler)
+        self.compile(**config)
+        _build_optimizer_before_loading_its_state(self)
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         # A mode the expert kernels cannot take is refused before any layer

@@ -169,6 +169,15 @@ def expert_parallel():
         result["expert_choice_collectives"] = collectives(
             moe_layer_hlo(expert_choice, backward=False)["forward"]
         )
+        # Dropless token choice keeps the exchange too, with buffers of one
+        # group's tokens per expert: all a group can send any expert.
+        dropless = layers.SparseMoE(
+            8, TINY["moe_intermediate_dim"], capacity_factor=None, name="moe"
+        )
+        dropless.build((None, TINY["hidden_dim"]))
+        result["dropless_collectives"] = collectives(
+            moe_layer_hlo(dropless, backward=False)["forward"]
+        )
         result["expert_kernel_sizes"] = sorted(
             {int(np.prod(v.shape)) for v in expert_kernels(model)}
         )
@@ -262,7 +271,113 @@ def other_meshes():
     return {"data_parallel": data_parallel, "three_axis_mesh": three_axis_mesh}
 
 
-SCENARIOS = {"expert_parallel": expert_parallel, "other_meshes": other_meshes}
+def odd_batches():
+    """Batch axis of 2: batches of odd size are padded, not refused.
+
+    A single prompt to `generate()` (token ids, and text through the
+    preprocessor), a last `fit` batch of 3, `evaluate` and `predict` on 7
+    rows: the same numbers as on one device (dropless routing). A dataset
+    whose batches do not divide fails with a ValueError stating the rule.
+    """
+    x, y, sample_weight = batch_data()
+    x7 = {key: value[:7] for key, value in x.items()}
+    y7, sample_weight7 = y[:7], sample_weight[:7]
+    prompt = {
+        "token_ids": np.pad(x["token_ids"][:1, :4], ((0, 0), (0, 8))),
+        "padding_mask": np.arange(12)[None] < 4,
+    }
+    dropless = {"moe_options": {"capacity_factor": None}}
+
+    def compiled(model):
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            sampler="greedy",
+        )
+        return model
+
+    def run(model, text_model):
+        return {
+            "generate": model.generate(prompt, stop_token_ids=None)["token_ids"],
+            "generate_text": text_model.generate("def ", max_length=12),
+            "generate_texts": text_model.generate(["def ", "x = ", "if "], max_length=12),
+            "predict": model.predict(x7, batch_size=4, verbose=0),
+            "predict_text": text_model.predict(
+                ["def ", "x = ", "if "], batch_size=3, verbose=0
+            ),
+            "evaluate": model.evaluate(
+                x7, y7, sample_weight=sample_weight7, batch_size=7, verbose=0,
+                return_dict=True,
+            )["loss"],
+            "fit": model.fit(
+                x7, y7, sample_weight=sample_weight7, batch_size=4, epochs=1,
+                shuffle=False, verbose=0,
+            ),
+            "weights": model.get_weights(),
+        }
+
+    keras.utils.set_random_seed(0)
+    reference = compiled(tiny_model(**dropless))
+    weights = reference.get_weights()
+    text_reference = compiled(presets.load("mixtral_small", **TINY, **dropless))
+    backbone_weights = reference.backbone.get_weights()
+    text_reference.backbone.set_weights(backbone_weights)
+    expected = run(reference, text_reference)
+    distribution = keras.distribution.ModelParallel(
+        layout_map=get_layout_map(mesh((2, 4), ("batch", "expert"))),
+        batch_dim_name="batch",
+    )
+    with distribution.scope():
+        model = compiled(tiny_model(**dropless))
+        model.set_weights(weights)
+        text_model = compiled(presets.load("mixtral_small", **TINY, **dropless))
+        text_model.backbone.set_weights(backbone_weights)
+        got = run(model, text_model)
+        odd_dataset = tf_dataset_of(x7, batch_size=7)
+        try:
+            model.predict(odd_dataset, verbose=0)
+            dataset_error = None
+        except ValueError as error:
+            dataset_error = str(error)
+    return {
+        "generate_shape": list(np.shape(got["generate"])),
+        "generate_equal": bool(np.array_equal(got["generate"], expected["generate"])),
+        "generate_text": [got["generate_text"], expected["generate_text"]],
+        "generate_texts": [got["generate_texts"], expected["generate_texts"]],
+        "predict_shape": list(np.shape(got["predict"])),
+        "predict_difference": max_difference(got["predict"], expected["predict"]),
+        "predict_text_shapes": [
+            list(np.shape(got["predict_text"])),
+            list(np.shape(expected["predict_text"])),
+        ],
+        "predict_text_difference": max_difference(
+            got["predict_text"], expected["predict_text"]
+        ),
+        "evaluate_loss": [got["evaluate"], expected["evaluate"]],
+        "fit_steps": [
+            len(got["fit"].history["loss"]), len(expected["fit"].history["loss"])
+        ],
+        "weights_difference_after_fit": max(
+            max_difference(a, b) for a, b in zip(got["weights"], expected["weights"])
+        ),
+        "weights_moved": max(
+            max_difference(a, b) for a, b in zip(expected["weights"], weights)
+        ),
+        "dataset_error": dataset_error,
+    }
+
+
+def tf_dataset_of(x, batch_size):
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+
+
+SCENARIOS = {
+    "expert_parallel": expert_parallel,
+    "other_meshes": other_meshes,
+    "odd_batches": odd_batches,
+}
 
 if __name__ == "__main__":
     name, output = sys.argv[1], sys.argv[2]

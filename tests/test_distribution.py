@@ -238,12 +238,16 @@ def test_sharded_logits_equal_one_device_logits(expert_parallel):
     assert expert_parallel["logits_difference"] < 1e-4
 
 
-def all_gathered_sizes(collectives):
+def array_sizes(shape):
+    """Element counts of the arrays in an HLO result type like `f32[2,3]`."""
     return [
         int(np.prod([int(n) for n in dims.split(",") if n]))
-        for shape in collectives["all-gather"]
         for dims in re.findall(r"\[([\d,]*)\]", shape)
     ]
+
+
+def all_gathered_sizes(collectives):
+    return [size for shape in collectives["all-gather"] for size in array_sizes(shape)]
 
 
 @jax_run
@@ -272,6 +276,19 @@ def test_expert_choice_moves_tokens_the_same_way(expert_parallel):
     assert len(forward["all-to-all"]) == 2
     for size in all_gathered_sizes(forward):
         assert size <= tokens * num_experts
+
+
+@jax_run
+def test_dropless_exchanges_bounded_group_buffers(expert_parallel):
+    # 2 groups (the batch shards) of 4 * 16 tokens, 8 experts, d = 32: a
+    # group sends each expert a buffer of its own 64 tokens at most, so each
+    # all-to-all moves [2 groups, 8 experts, 64, 32], never more.
+    group_tokens, num_groups, num_experts, hidden_dim = 4 * 16, 2, 8, 32
+    forward = expert_parallel["dropless_collectives"]
+    assert len(forward["all-to-all"]) == 2
+    bound = num_groups * num_experts * group_tokens * hidden_dim
+    for shape in forward["all-to-all"]:
+        assert max(array_sizes(shape)) <= bound, shape
 
 
 @jax_run
@@ -375,3 +392,75 @@ def test_mirrored_strategy_on_two_logical_devices(tmp_path_factory):
     assert result["logits_difference_after_step"] < 1e-4
     losses = result["fit_losses"]
     assert losses[-1] < 0.9 * losses[0]
+
+
+# --- Batches the batch axis does not divide (JAX, 8 virtual devices) -------
+
+
+@pytest.fixture(scope="module")
+def odd_batches(tmp_path_factory):
+    return run_scenario(
+        "distribution_scenarios.py", "odd_batches", tmp_path_factory, JAX_ENV
+    )
+
+
+@jax_run
+def test_odd_batches_are_padded_and_give_one_device_numbers(odd_batches):
+    # A batch axis of 2: one prompt, 3 prompts, a last fit batch of 3 rows,
+    # evaluate and predict on 7 rows run, and agree with one device.
+    result = odd_batches
+    assert result["generate_shape"] == [1, 12] and result["generate_equal"]
+    got, expected = result["generate_text"]
+    assert isinstance(got, str) and got == expected
+    got, expected = result["generate_texts"]
+    assert len(got) == 3 and got == expected
+    assert result["predict_shape"] == [7, 16, 259]
+    assert result["predict_difference"] < 1e-5
+    got, expected = result["predict_text_shapes"]
+    assert got == expected and got[0] == 3
+    assert result["predict_text_difference"] < 1e-5
+    got, expected = result["evaluate_loss"]
+    assert got == pytest.approx(expected, rel=1e-5)
+    # The padding rows weigh nothing: the SGD steps move the weights alike.
+    assert result["weights_moved"] > 1e-3
+    assert result["weights_difference_after_fit"] < 1e-6
+
+
+@jax_run
+def test_a_dataset_of_odd_batches_fails_stating_the_rule(odd_batches):
+    message = odd_batches["dataset_error"]
+    assert message is not None
+    assert "multiple of 2" in message and "drop_remainder=True" in message
+
+
+def test_padding_rows_weigh_nothing_in_the_loss():
+    # What `MoECausalLM` does to a batch of 3 under a batch axis of 2, on
+    # NumPy batches and inside a `tf.data` pipeline (dynamic batch size).
+    from keras_moe.distribution.batch_padding import pad_training_batch
+
+    rng = np.random.default_rng(0)
+    x = {"token_ids": rng.integers(0, 5, (3, 4)).astype("int32"),
+         "padding_mask": np.ones((3, 4), "int32")}
+    y = rng.integers(0, 5, (3, 4)).astype("int32")
+    weights = np.array([[1, 1, 1, 0]] * 3, "float32")
+    logits = rng.normal(size=(3, 4, 5)).astype("float32")
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    expected = float(loss(y, logits, sample_weight=weights))
+
+    px, py, pw = pad_training_batch((x, y, weights), 2)
+    assert px["token_ids"].shape == (4, 4) and not px["padding_mask"][3].any()
+    padded_logits = np.concatenate([logits, np.zeros((1, 4, 5), "float32")])
+    assert float(loss(py, padded_logits, sample_weight=pw)) == pytest.approx(expected)
+    # Already a multiple, or no labels (prediction): unchanged.
+    assert pad_training_batch((x, y, weights), 3)[0] is x
+    assert pad_training_batch((x,), 2) is x
+
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((x, y, weights)).batch(3)
+    dataset = dataset.map(lambda *data: pad_training_batch(data, 2))
+    tx, ty, tw = next(iter(dataset))
+    np.testing.assert_array_equal(tx["padding_mask"].numpy(), px["padding_mask"])
+    np.testing.assert_allclose(tw.numpy(), pw)
+    with pytest.raises(ValueError, match="`multiple` must be an integer >= 1"):
+        pad_training_batch((x, y), 0)

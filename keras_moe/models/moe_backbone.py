@@ -13,12 +13,10 @@ otherwise; an explicit `moe_layers` list replaces that rule (Qwen-MoE's
 `keras_moe.models.backbone_config`.
 """
 
-import weakref
 
 import keras
 import numpy as np
 from keras.src.saving import saving_lib
-from keras.src.saving.keras_saveable import KerasSaveable
 from keras.src.quantizers.utils import should_quantize_layer
 from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
@@ -33,6 +31,8 @@ from keras_moe.models.backbone_config import CONFIG_KEYS
 from keras_moe.models.backbone_config import config_moe_layer_flags
 from keras_moe.models.backbone_config import validated_config
 from keras_moe.models.grouped_query_attention import GroupedQueryAttention
+from keras_moe.models.lora_state import LoRAState
+from keras_moe.models.lora_state import lora_variables
 from keras_moe.models.moe_decoder_block import MoEDecoderBlock
 from keras_moe.models.multi_head_latent_attention import (
     MultiHeadLatentAttention,
@@ -417,8 +417,8 @@ class MoEBackbone(Backbone):
         super().enable_lora(rank, target_layer_names=target_layer_names)
         self._lora_target_layer_names = target_layer_names
         # Saving (`save`, `save_weights`, presets) then also stores the
-        # adapted layers unmerged; see `_LoRAState`.
-        self._lora_state = _LoRAState(self)
+        # adapted layers unmerged; see `LoRAState`.
+        self._lora_state = LoRAState(self)
 
     def save_lora_weights(self, filepath):
         """Save the LoRA factors of every adapted layer to a `.lora.h5` file.
@@ -454,7 +454,7 @@ class MoEBackbone(Backbone):
             layers = self._weighted_layers()
             for index in self._lora_enabled_layers:
                 inner_store = store.make(f"lora/{index}")
-                for variable in _lora_variables(layers[index]):
+                for variable in lora_variables(layers[index]):
                     inner_store[variable.name] = variable
         finally:
             store.close()
@@ -493,7 +493,7 @@ class MoEBackbone(Backbone):
                         f"target layers (saved: {targets})."
                     )
                 inner_store = store.get(f"lora/{index}")
-                for variable in _lora_variables(layers[index]):
+                for variable in lora_variables(layers[index]):
                     variable.assign(inner_store[variable.name])
         finally:
             store.close()
@@ -505,85 +505,6 @@ class MoEBackbone(Backbone):
             for layer in self._flatten_layers(include_self=False)
             if layer.weights
         ]
-
-
-class _LoRAState(KerasSaveable):
-    """The adapted layers' variables, saved unmerged beside the weights.
-
-    Keras' `EinsumDense` (and `FeedForwardWeights`, as Keras does) save a
-    LoRA layer's kernel with the adaptation merged in and reset the factors
-    when loading: the outputs survive, but training cannot resume where it
-    stopped (the base kernel, the factors and, for int8 kernels, the
-    quantization all change). `MoEBackbone.enable_lora` attaches this
-    object; Keras' saving visits it after every layer of the backbone
-    (attributes after layers), so loading puts back each adapted layer's
-    own variables (base kernels, scales, biases and factors) exactly as
-    they were saved, after the layers have loaded their merged kernels.
-    Files without these entries (saved before LoRA was enabled, or by an
-    older version) load as before.
-    """
-
-    def __init__(self, backbone):
-        self._backbone = weakref.ref(backbone)
-        self._error = None
-
-    def _obj_type(self):
-        return "Operation"
-
-    def _variables(self):
-        backbone = self._backbone()
-        layers = backbone._weighted_layers()
-        for index in getattr(backbone, "_lora_enabled_layers", []):
-            for variable in layers[index].variables:
-                yield f"{index}.{variable.name}", variable, layers[index]
-
-    def save_own_variables(self, store):
-        for key, variable, _ in self._variables():
-            store[key] = variable
-
-    def load_own_variables(self, store):
-        keys = set(store.keys())
-        if not keys:
-            # Keras visits the backbone again by another path (`backbone`
-            # after `layers/...`), with nothing stored there: a failure on
-            # the first visit must not be cleared by the second.
-            if self._error is not None:
-                raise self._error
-            return
-        try:
-            self._load(store, keys)
-        except ValueError as error:
-            self._error = error
-            raise
-        self._error = None
-
-    def _load(self, store, keys):
-        # Read everything first: `store` is the file's current entry.
-        values = {key: store[key] for key in keys}
-        expected = {}
-        for key, variable, layer in self._variables():
-            if key not in values:
-                raise ValueError(
-                    f"The saved LoRA state has no variable {variable.name!r} "
-                    f"for layer {layer.path!r}: the file was saved from a "
-                    "model with other LoRA targets or quantization."
-                )
-            if tuple(values[key].shape) != tuple(variable.shape):
-                raise ValueError(
-                    f"The saved LoRA state of {variable.path!r} has shape "
-                    f"{tuple(values[key].shape)}; the model's is "
-                    f"{tuple(variable.shape)}."
-                )
-            expected[key] = variable
-        for key, variable in expected.items():
-            variable.assign(values[key])
-
-
-def _lora_variables(layer):
-    """The LoRA factors of a layer: `lora_kernel_a`/`_b` of an
-    `EinsumDense`, `{projection}_kernel_lora_a`/`_b` of a feed-forward
-    block."""
-    return [variable for variable in layer.weights if "lora_" in variable.name]
 
 
 def _make_attention(c, dtype):

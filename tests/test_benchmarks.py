@@ -83,6 +83,38 @@ def test_layers_benchmark_smoke_run_prints_every_ratio():
         assert ratio in stdout, ratio
 
 
+@runs_on("tensorflow")
+def test_dropless_benchmark_smoke_run_reports_every_target():
+    backend = keras.backend.backend()
+    stdout = run_script(
+        "dropless_benchmark.py", "--quick", "--backends", backend,
+        "--repeats", "1", "--skip-memory", "--skip-buffers",
+    )
+    for ratio in (
+        "dropless / cf=1.0, E=8", "dropless / cf=1.0, E=64",
+        "dropless skewed / cf=1.0, E=8", "cf=1.25 E=64 / E=8 (buffers)",
+    ):
+        assert ratio in stdout, ratio
+    # The skewed rows really are skewed: the busiest expert at twice the mean.
+    skewed = [
+        line.split() for line in stdout.splitlines()
+        if line.startswith(backend) and "dropless_skewed" in line
+    ]
+    assert skewed and all(abs(float(row[-2]) - 2.0) < 0.2 for row in skewed), skewed
+
+
+@runs_on("jax")
+def test_accelerator_benchmark_smoke_run_times_every_kernel(tmp_path):
+    json_path = tmp_path / "accelerator.json"
+    stdout = run_script(
+        "accelerator_moe_benchmark.py", "--quick", "--backends", "jax",
+        "--dtype", "float32", "--json-out", str(json_path),
+    )
+    records = json.loads(json_path.read_text())["records"]
+    timed = {record["kind"] == "time" and record["kernel"] for record in records}
+    assert timed - {False} == {"cf1", "buffers", "tiles", "ragged_dot"}, stdout
+
+
 # Compiling three models' training steps takes minutes under XLA: smoke-run
 # this one eagerly.
 @runs_on("torch")

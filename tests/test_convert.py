@@ -604,3 +604,41 @@ def test_tokenizer_runs_inside_tf_data(checkpoints, tmp_path):
     np.testing.assert_array_equal(
         np.asarray(x["token_ids"]), keras.ops.convert_to_numpy(direct["token_ids"])
     )
+
+
+# --- Memory: tensors streamed in their stored dtype -------------------------
+
+
+def test_bfloat16_checkpoint_loads_bit_exact_in_bfloat16_and_float32(checkpoints, tmp_path):
+    # A bfloat16 checkpoint (stacked experts of transformers >= 5 included)
+    # is read in bfloat16 and reaches a bfloat16 model unchanged, and a
+    # float32 model as the exact widening.
+    directory, _ = checkpoints["mixtral"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    bf16 = model.to(torch.bfloat16)
+    saved = copy_checkpoint(directory, tmp_path / "bf16")
+    state = {name: tensor.contiguous() for name, tensor in bf16.state_dict().items()}
+    from safetensors.torch import save_file
+
+    save_file(state, saved / "model.safetensors", {"format": "pt"})
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    if name not in state:  # transformers < 5: one tensor per expert.
+        name = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
+        expected = state[name].float().numpy()
+    else:
+        rows = state[name].shape[1] // 2
+        expected = state[name][2, :rows].float().numpy()
+    for dtype in ("bfloat16", "float32"):
+        loaded = presets.load(saved, preprocessor=None, dtype=dtype)
+        kernel = loaded.backbone.transformer_layers[1].feedforward.experts.gate_kernel
+        assert keras.backend.standardize_dtype(kernel.dtype) == dtype
+        values = keras.ops.convert_to_numpy(keras.ops.cast(kernel, "float32"))
+        np.testing.assert_array_equal(values[2], expected.T)
+
+
+def test_truncated_shard_is_named_before_building(checkpoints, tmp_path):
+    directory = copy_checkpoint(checkpoints["mixtral"][0], tmp_path / "c")
+    path = directory / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ConversionError, match="model.safetensors.*is truncated: tensor `"):
+        presets.load(directory, preprocessor=None)

@@ -1,10 +1,12 @@
 """`from_transformers`: a `MoECausalLM` from a Hugging Face checkpoint."""
 
+import gc
 import re
 import warnings
 from pathlib import Path
 
 import keras
+import ml_dtypes
 import numpy as np
 
 from keras_moe import models
@@ -42,10 +44,15 @@ def from_transformers(
     `backbone_config_from_transformers` says how each maps onto
     `MoEBackbone`.
 
-    Weights are read one tensor at a time from memory-mapped files and
-    assigned to the model's variables (stacked expert kernels are filled
-    expert by expert), so the checkpoint is never held in memory beside the
-    model. Only safetensors are read: pickled `.bin` checkpoints are refused.
+    Every file's header is checked first (a truncated file is refused before
+    the model is built); then weights are read one tensor at a time, staged
+    in the dtype of the variable they go to (a bfloat16 checkpoint loaded
+    with `dtype="bfloat16"` is never widened to float32) and assigned
+    (stacked expert kernels are filled expert by expert), so the checkpoint
+    is never held in memory beside the model: loading needs the model's
+    weights plus about two copies of its largest variable (see
+    `keras_moe.models.memory.loading_memory_bytes`). Only safetensors are
+    read: pickled `.bin` checkpoints are refused.
 
     Args:
         path: a checkpoint directory (str or path) or `hf://org/name`.
@@ -101,9 +108,11 @@ def from_transformers(
                 f"The checkpoint in {str(path)!r}",
                 checkpoint.num_elements(),
                 backbone_config.get("dtype"),
+                largest_params=checkpoint.largest_variable_size(),
             )
-        backbone = models.MoEBackbone(**backbone_config)
-        load_weights(backbone, checkpoint, family)
+        with _values_from_checkpoint() as deferred:
+            backbone = deferred.build(backbone_config)
+            load_weights(backbone, checkpoint, family)
     finally:
         checkpoint.close()
 
@@ -207,9 +216,126 @@ def _check_unquantized(hf_config):
 
 
 def _numpy_dtype(variable):
-    """A NumPy dtype that holds the variable's values (float32 for bf16)."""
+    """The NumPy dtype of the variable's values (`ml_dtypes` for bfloat16 and
+    float8), so a tensor is staged in the dtype it will be stored in."""
     dtype = keras.backend.standardize_dtype(variable.dtype)
-    return np.dtype(dtype) if dtype in ("float16", "float32", "float64") else np.dtype("float32")
+    return np.dtype(getattr(ml_dtypes, dtype, None) or dtype)
+
+
+def _copy_into(destination, source):
+    """`destination[...] = source`, casting (round to nearest even) if the
+    dtypes differ; same-dtype copies move raw bits, which NumPy does much
+    faster than element-wise copies of `ml_dtypes` values."""
+    if source.dtype == destination.dtype and source.dtype.itemsize in (1, 2, 4, 8):
+        bits = np.dtype(f"u{source.dtype.itemsize}")
+        np.copyto(destination.view(bits), source.view(bits))
+    else:
+        np.copyto(destination, source, casting="unsafe")
+
+
+def _staged(array, dtype):
+    """`array` as a C-contiguous array of `dtype`: itself when it is one."""
+    if array.dtype == dtype and array.flags.c_contiguous:
+        return array
+    staged = np.empty(array.shape, dtype=dtype)
+    _copy_into(staged, array)
+    return staged
+
+
+def _assign(variable, value):
+    """Give `variable` the NumPy array `value`, staged in its dtype.
+
+    A variable built without an initial value (see
+    `_values_from_checkpoint`) is created from `value`; another one is
+    assigned it. Keras' PyTorch backend converts bfloat16 NumPy arrays
+    through float32 (PyTorch has no NumPy bfloat16): the same bits are
+    viewed as a PyTorch bfloat16 tensor instead.
+    """
+    if keras.backend.backend() == "torch" and value.dtype == ml_dtypes.bfloat16:
+        import torch
+
+        value = torch.from_numpy(value.view(np.uint16)).view(torch.bfloat16)
+    if _is_deferred(variable):
+        variable._initialize(variable._convert_to_tensor(value, dtype=variable.dtype))
+        variable._initializer = None
+    else:
+        variable.assign(value)
+    _wait_until_ready([variable])
+
+
+# Keras' list of variables created in a `StatelessScope` without a value
+# (`keras.src.backend.common.variables.register_uninitialized_variable`).
+_UNINITIALIZED = "uninitialized_variables"
+
+
+def _is_deferred(variable):
+    return getattr(variable, "_value", True) is None and (
+        getattr(variable, "_initializer", None) is not None
+    )
+
+
+class _values_from_checkpoint:
+    """Build a backbone whose weights get their first value from the checkpoint.
+
+    A backbone built normally draws a random initial value for every
+    weight, only for conversion to overwrite it: the model's memory is
+    allocated (and on JAX, initializers queued with their temporaries)
+    before the first tensor is read, and peak memory is the model plus
+    those temporaries. Inside `keras.StatelessScope(initialize_variables=
+    False)`, Keras creates variables without a value (as it does for
+    variables created while tracing); `_assign` creates each from its
+    tensor instead, so the model's memory grows one variable at a time as
+    the checkpoint is read. Variables the checkpoint does not hold (random
+    seed states) are initialized as usual at the end, and a load that fails
+    leaves no variable in Keras' list of variables to initialize.
+
+    Falls back to a normal build when a stateless scope is already active.
+    """
+
+    def __enter__(self):
+        from keras.src.backend.common import global_state
+
+        self._state = global_state
+        self._variables = []
+        return self
+
+    def build(self, backbone_config):
+        """A `MoEBackbone` of `backbone_config`, built without initial values."""
+        if self._state.get_global_attribute("stateless_scope") is not None:
+            return models.MoEBackbone(**backbone_config)
+        before = len(self._pending())
+        with keras.StatelessScope(initialize_variables=False):
+            backbone = models.MoEBackbone(**backbone_config)
+        self._variables = self._pending()[before:]
+        return backbone
+
+    def _pending(self):
+        return list(self._state.get_global_attribute(_UNINITIALIZED) or [])
+
+    def __exit__(self, error_type, error, traceback):
+        mine = {id(variable) for variable in self._variables}
+        others = [v for v in self._pending() if id(v) not in mine]
+        self._state.set_global_attribute(_UNINITIALIZED, others)
+        if error_type is None:
+            for variable in self._variables:
+                if _is_deferred(variable):  # Not in the checkpoint.
+                    variable._deferred_initialize()
+        return False
+
+
+def _wait_until_ready(variables):
+    """Wait for JAX's asynchronous work on the variables' values to finish.
+
+    JAX returns from initializers and transfers before they run; until they
+    do, their inputs and temporaries stay allocated. Waiting keeps one
+    variable's staging alive at a time instead of a queue of them.
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        # (A variable without a value would draw one when read.)
+        values = [v.value for v in variables if not _is_deferred(v)]
+        jax.block_until_ready(values)
 
 
 def check_tensors(mappings, checkpoint):
@@ -263,18 +389,24 @@ def load_weights(backbone, checkpoint, family):
     """
     mappings = weight_mappings(backbone, family)
     check_tensors(mappings, checkpoint)
+    # The initial values' computations hold temporaries until they finish,
+    # and building leaves garbage in reference cycles: free both before
+    # staging any tensor.
+    _wait_until_ready(backbone.weights)
+    gc.collect()
     for mapping in mappings:
         variable = mapping.variable
         dtype = _numpy_dtype(variable)
         if mapping.kind == "experts":
-            # One expert's tensor at a time into the stacked kernel.
+            # One expert's tensor at a time into the stacked kernel, staged
+            # in the variable's dtype.
             value = np.empty(tuple(variable.shape), dtype=dtype)
             for j, name in enumerate(mapping.names):
-                value[j] = mapping.to_keras(checkpoint.get(name))
+                _copy_into(value[j], mapping.to_keras(checkpoint.get(name)))
         else:
             (name,) = mapping.names
-            value = np.asarray(mapping.to_keras(checkpoint.get(name)), dtype=dtype)
-        variable.assign(value)
+            value = _staged(mapping.to_keras(checkpoint.get(name)), dtype)
+        _assign(variable, value)
         del value
     used = set(checkpoint.read_names)
     if backbone.tie_word_embeddings:

@@ -171,11 +171,48 @@ def bytes_per_parameter(dtype):
     return max(int(bits.group(1)) // 8, 1)
 
 
-def check_fits_in_memory(description, total_params, dtype=None):
+# Loading a variable stages its new value once on the host (read from the
+# checkpoint, in the variable's dtype) and once as a backend tensor before it
+# replaces the old value: two extra copies of one variable at a time.
+STAGING_COPIES = 2
+
+
+def loading_memory_bytes(total_params, dtype=None, largest_params=0):
+    """Peak memory loading weights into a new model needs, in bytes.
+
+    The weights, `total_params` times the bytes of the weight dtype, plus
+    `STAGING_COPIES` copies of the largest variable: checkpoint conversion
+    (`keras_moe.convert.from_transformers`) reads one tensor at a time,
+    stages it in the variable's dtype, and assigns it (a backend copy)
+    before the next. `benchmarks/loading_memory_benchmark.py` checks this
+    estimate against the measured growth of the peak resident memory.
+
+    Args:
+        total_params: int, the model's parameter count.
+        dtype: the backbone's `dtype` setting (None: the Keras default).
+        largest_params: int, the values of its largest variable (0: count
+            the weights alone).
+
+    Returns:
+        An int.
+
+    Example:
+
+    >>> from keras_moe.models.memory import loading_memory_bytes
+    >>> loading_memory_bytes(1_000_000, "bfloat16", largest_params=50_000)
+    2200000
+    """
+    per_parameter = bytes_per_parameter(weight_dtype(dtype))
+    return (total_params + STAGING_COPIES * largest_params) * per_parameter
+
+
+def check_fits_in_memory(description, total_params, dtype=None, largest_params=0):
     """Raise `PresetTooLargeError` if the weights cannot fit in memory.
 
-    The need counted is the weights alone, `total_params` times the bytes
-    of the weight dtype: enough to build the model and run inference. It is
+    The need counted is `loading_memory_bytes`: the weights,
+    `total_params` times the bytes of the weight dtype, plus the staging of
+    the largest variable while it loads (`largest_params`, when given):
+    enough to build or load the model and run inference. It is
     compared with the free memory of where the weights go: the accelerator
     on JAX and PyTorch when one is used, else the host (`available_memory`;
     TensorFlow reports no free GPU memory, so there the host is checked).
@@ -191,6 +228,8 @@ def check_fits_in_memory(description, total_params, dtype=None):
             `"Preset 'deepseek_v3'"`.
         total_params: int, the model's parameter count.
         dtype: the backbone's `dtype` setting (None: the Keras default).
+        largest_params: int, the values of the largest variable when the
+            weights are loaded from a checkpoint (0: the weights alone).
 
     Raises:
         PresetTooLargeError: with the bytes needed and the ways to shard
@@ -213,7 +252,7 @@ def check_fits_in_memory(description, total_params, dtype=None):
         return
     where, available = found
     stored_as = weight_dtype(dtype)
-    needed = total_params * bytes_per_parameter(stored_as)
+    needed = loading_memory_bytes(total_params, dtype, largest_params)
     if needed <= available:
         return
     ways = []
@@ -234,7 +273,8 @@ def check_fits_in_memory(description, total_params, dtype=None):
     ways.append("use a machine with more memory, or more devices")
     numbered = "; ".join(f"({i}) {way}" for i, way in enumerate(ways, 1))
     raise PresetTooLargeError(
-        f"{description} has {total_params:,} parameters: its weights need "
+        f"{description} has {total_params:,} parameters: "
+        f"{'loading its weights needs' if largest_params else 'its weights need'} "
         f"{needed / GIB:,.1f} GiB ({needed:,} bytes) in {stored_as}, but "
         f"{where} has {available / GIB:,.1f} GiB of memory available, so "
         f"building it would run out of memory. To make it fit: {numbered}. "

@@ -112,14 +112,19 @@ def test_eval_uses_eval_capacity_factor():
     assert layer.losses == []
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+# "tiles": the grouped dropless path (keras_moe.ops.grouped_matmul), whose
+# gradients are hand-written loops; "auto" runs buffers at these few tokens.
+@pytest.mark.parametrize(
+    "capacity_factor,expert_kernel", [(None, "auto"), (None, "tiles"), (0.5, "auto")]
+)
 @pytest.mark.parametrize("use_bias", [False, True])
-def test_gradients_match_finite_differences(capacity_factor, use_bias):
+def test_gradients_match_finite_differences(capacity_factor, expert_kernel, use_bias):
     rng = np.random.default_rng(7)
     layer, arrays = make_layer(
         rng,
         top_k=2,
         capacity_factor=capacity_factor,
+        expert_kernel=expert_kernel,
         use_bias=use_bias,
         aux_loss_weight=0.1,
         z_loss_weight=0.01,

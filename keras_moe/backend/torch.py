@@ -143,12 +143,17 @@ def expert_loop_matmul(rows, kernels, layout, transpose_kernels=False):
     """
     if transpose_kernels:
         kernels = kernels.transpose(-1, -2)
-    outputs, start = [], 0
-    for expert, size in enumerate(torch.as_tensor(layout.group_sizes).tolist()):
-        if size:
-            outputs.append(rows[start : start + size] @ kernels[expert])
-            start += size
-    unused = rows.shape[0] - start
+    sizes = torch.as_tensor(layout.group_sizes).tolist()
+    unused = rows.shape[0] - sum(sizes)
+    # `split` and `unbind` (not indexing) so that the backward pass stacks
+    # the pieces' gradients instead of adding one full-sized tensor per
+    # expert (at 64 experts that was 18x the step).
+    pieces = torch.split(rows, sizes + [unused], dim=0)
+    outputs = [
+        piece @ kernel
+        for piece, kernel in zip(pieces[:-1], torch.unbind(kernels, 0))
+        if piece.shape[0]
+    ]
     outputs.append(rows.new_zeros((unused, kernels.shape[-1])))
     return torch.cat(outputs, dim=0)
 

@@ -15,6 +15,7 @@ import pytest
 
 from keras_moe.layers import Experts
 from keras_moe.layers import FeedForward
+from test_quantization import TINY_DEEPSEEK
 from test_quantization import HIDDEN_DIM
 from test_quantization import MOE_LAYERS
 from test_quantization import _expert_bytes
@@ -242,12 +243,7 @@ def test_standalone_int4_layer_keeps_its_block_size_in_its_config(tmp_path):
 
 def test_int4_preset_saves_and_loads(tmp_path):
     # The int8 fixture's widths, quantized to int4 instead.
-    model = tiny_preset(
-        "deepseek_small", num_layers=2, vocabulary_size=64, hidden_dim=32,
-        q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
-        qk_rope_head_dim=8, v_head_dim=8, intermediate_dim=64,
-        moe_intermediate_dim=32, num_experts=8, top_k=2,
-    )
+    model = tiny_preset("deepseek_small", **TINY_DEEPSEEK)
     inputs = token_batch(vocabulary_size=64)
     with pytest.warns(UserWarning):
         model.quantize("int4")

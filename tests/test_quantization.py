@@ -47,6 +47,13 @@ def no_garbage_collection_per_deleted_variable():
         patch.setattr(gc, "collect", lambda generation=2: 0)
         yield
 
+# A two-layer deepseek_small (the first layer dense) at widths of 32.
+TINY_DEEPSEEK = dict(
+    num_layers=2, vocabulary_size=64, hidden_dim=32, q_lora_rank=16,
+    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+    intermediate_dim=64, moe_intermediate_dim=32, num_experts=8, top_k=2,
+)
+
 
 def tiny_preset(name="mixtral_small", num_layers=1, **overrides):
     """A preset at its own widths unless overridden, taking token ids."""
@@ -336,12 +343,7 @@ def quantized_preset():
     Two layers (the first dense) at widths of 32, Keras' default int8
     (weights, and inputs per row).
     """
-    model = tiny_preset(
-        "deepseek_small", num_layers=2, vocabulary_size=64, hidden_dim=32,
-        q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
-        qk_rope_head_dim=8, v_head_dim=8, intermediate_dim=64,
-        moe_intermediate_dim=32, num_experts=8, top_k=2,
-    )
+    model = tiny_preset("deepseek_small", **TINY_DEEPSEEK)
     inputs = token_batch(vocabulary_size=64)
     float_logits = to_numpy(model(inputs))
     with pytest.warns(UserWarning):  # layers without quantization say so

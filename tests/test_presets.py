@@ -489,13 +489,19 @@ def test_memory_guard_lets_small_and_unchecked_loads_through(monkeypatch):
     )
 
 
-def test_available_memory_is_read_from_the_system():
+def test_available_memory_is_read_from_the_system(monkeypatch):
     host = memory.host_memory_bytes()
     assert host is None or host > 0
     where, free_bytes = memory.available_memory()
     assert free_bytes > 0
     if memory.accelerator_memory_bytes() is None:
-        assert (where, free_bytes) == ("this machine", host)
+        assert where == "this machine"
+        # Free memory moves between two reads (other processes allocate);
+        # the same source read twice agrees to within a few percent.
+        assert abs(free_bytes - host) <= 0.05 * host
+        # The wiring itself, with a reading that cannot move.
+        monkeypatch.setattr(memory, "host_memory_bytes", lambda: 12_345)
+        assert memory.available_memory() == ("this machine", 12_345)
 
 
 # Bad input.

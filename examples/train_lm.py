@@ -165,10 +165,11 @@ def parse_args(argv=None):
             f"--preset {args.preset!r} is not a preset; choose one of "
             + ", ".join(small_presets())
         )
-    if presets.info(args.preset).get("tokenizer") != "byte":
+    if args.preset not in small_presets():
         parser.error(
-            f"--preset {args.preset!r} has no bundled tokenizer (full-size "
-            "presets need a converted checkpoint); choose one of "
+            f"--preset {args.preset!r} is not a small causal LM (full-size "
+            "presets need a converted checkpoint, `switch_t5_small` is an "
+            "encoder-decoder); choose one of "
             + ", ".join(small_presets())
         )
     for path in args.text_files or []:
@@ -187,10 +188,12 @@ def parse_args(argv=None):
 
 
 def small_presets():
+    # Causal LMs only: `switch_t5_small` is an encoder-decoder (seq2seq).
     return [
         name
         for name in presets.names()
         if presets.info(name).get("tokenizer") == "byte"
+        and "encoder_sparse_step" not in presets.config(name)
     ]
 
 

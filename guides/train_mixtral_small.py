@@ -261,7 +261,7 @@ assert difference < 1e-5
 #
 # - Train on your own files from the command line, with TensorBoard logs:
 #   `python examples/train_lm.py --preset mixtral_small --text-files ...`
-#   (`--help` lists the options; `deepseek_small` and `switch_small` are
+#   (`--help` lists the options; `deepseek_small`, `gpt_oss_small` and `switch_decoder_small` are
 #   the other small presets).
 # - [Routing strategies](routing_strategies.ipynb) compares the routers
 #   these presets use.

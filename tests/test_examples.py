@@ -274,8 +274,10 @@ def test_train_lm_side_by_side_and_longer_run_command():
         "      b··  | xxxxxxxx",
     ]
     command = example.longer_run_command(
-        ["--fast", "--epochs", "3", "--preset", "switch_small", "--epochs=5",
+        ["--fast", "--epochs", "3", "--preset", "switch_decoder_small", "--epochs=5",
          "--time-budget", "60"],
         24,
     )
-    assert command == "python examples/train_lm.py --preset switch_small --epochs 24"
+    assert command == (
+        "python examples/train_lm.py --preset switch_decoder_small --epochs 24"
+    )

@@ -38,6 +38,7 @@ EXPECTED_OUTPUT = {
     "router_stats_tensorboard": ["router/expert_load_heatmap", "collapsed"],
     "distributed_training": ["8 devices", "expert parallel 2x4"],
     "checkpoint_conversion": ["max |logits difference|"],
+    "switch_seq2seq": ["fine-tuning", "Exact match", "dropped_fraction"],
 }
 
 
@@ -50,6 +51,7 @@ GUIDE_BACKENDS = {
     "router_stats_tensorboard": "tensorflow",
     "distributed_training": "jax",
     "checkpoint_conversion": "torch",
+    "switch_seq2seq": "torch",
 }
 
 

@@ -101,6 +101,12 @@ def family_of(backbone):
     >>> family_of(backbone).model_type
     'qwen3_moe'
     """
+    for family in _FAMILIES.values():
+        # Families of their own backbone class (Switch Transformer's
+        # encoder-decoder) are found by it.
+        backbone_class = getattr(family, "backbone_class", None)
+        if backbone_class is not None and isinstance(backbone, backbone_class):
+            return family
     moe = moe_settings(backbone)
     for family in _FAMILIES.values():
         if family.describes(backbone, moe):

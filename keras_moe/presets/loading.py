@@ -13,6 +13,7 @@ from keras_moe.models.memory import check_fits_in_memory
 from keras_moe.presets.parameter_count import count_params
 from keras_moe.presets.preset_registry import info
 from keras_moe.presets.preset_registry import names
+from keras_moe.presets.switch_parameter_count import is_switch_config
 
 # Files a keras-hub preset directory needs: the backbone config, and its
 # weights in one file or sharded (an index plus the shards it lists).
@@ -21,6 +22,8 @@ WEIGHTS_FILE = "model.weights.h5"
 SHARDED_WEIGHTS_FILE = "model.weights.json"
 # Keys that mark a `config.json` written by Hugging Face `transformers`.
 HUGGING_FACE_KEYS = ("model_type", "architectures")
+# Presets whose name now means another model: old name -> new name.
+RENAMED_PRESETS = {"switch_small": "switch_decoder_small"}
 
 
 def load(
@@ -36,6 +39,13 @@ def load(
     `hf://org/name` handle, is converted by
     `keras_moe.convert.from_transformers` (Mixtral, Qwen2-MoE, Qwen3-MoE,
     DeepSeek-V2 and DeepSeek-V3 checkpoints).
+
+    Switch Transformer encoder-decoders (the `switch_base_*`,
+    `switch_large_128`, `switch_xxl_128`, `switch_c_2048` and
+    `switch_t5_small` presets, and `switch_transformers` checkpoints) come
+    back as a `keras_moe.models.SwitchSeq2SeqLM` instead, with a
+    `SwitchSeq2SeqLMPreprocessor` (byte-level for `switch_t5_small`) and
+    `SwitchEncoderDecoderBackbone` overrides.
 
     Before building, the weights' size in the chosen dtype is compared with
     the free memory of the accelerator they go to, or of the host (see
@@ -103,6 +113,14 @@ def load(
         return _load_directory(
             Path(name_or_dir), preprocessor, check_memory, overrides
         )
+    if name_or_dir in RENAMED_PRESETS:
+        raise ValueError(
+            f"The preset {name_or_dir!r} is now named "
+            f"{RENAMED_PRESETS[name_or_dir]!r} (a decoder-only model); the "
+            "Switch Transformer encoder-decoders are the `switch_base_*`, "
+            "`switch_large_128`, `switch_xxl_128`, `switch_c_2048` and "
+            "`switch_t5_small` presets."
+        )
     return _load_preset(name_or_dir, preprocessor, check_memory, overrides)
 
 
@@ -120,6 +138,8 @@ def _looks_like_path(text):
 
 def _load_preset(name, preprocessor, check_memory, overrides):
     record = info(name)
+    if is_switch_config(record["backbone"]):
+        return _load_switch_preset(record, preprocessor, check_memory, overrides)
     backbone_config = _apply_overrides(record, overrides, models.MoEBackbone)
     if check_memory:
         check_fits_in_memory(
@@ -138,6 +158,30 @@ def _load_preset(name, preprocessor, check_memory, overrides):
                 ),
             )
     return models.MoECausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
+def _load_switch_preset(record, preprocessor, check_memory, overrides):
+    """A `SwitchSeq2SeqLM` of a Switch Transformer encoder-decoder preset."""
+    backbone_config = _apply_overrides(
+        record, overrides, models.SwitchEncoderDecoderBackbone
+    )
+    if check_memory:
+        check_fits_in_memory(
+            f"Preset {record['name']!r}",
+            count_params(backbone_config)["total"],
+            backbone_config.get("dtype"),
+        )
+    backbone = models.SwitchEncoderDecoderBackbone(**backbone_config)
+    if isinstance(preprocessor, str):  # "default"
+        preprocessor = None
+        if record.get("tokenizer") == "byte":
+            training = record.get("training", {})
+            preprocessor = models.SwitchSeq2SeqLMPreprocessor(
+                tokenizer=models.MoETokenizer(),
+                encoder_sequence_length=training.get("encoder_sequence_length", 512),
+                decoder_sequence_length=training.get("sequence_length", 512),
+            )
+    return models.SwitchSeq2SeqLM(backbone=backbone, preprocessor=preprocessor)
 
 
 def _accepted_keys(backbone_class, preset_config):
@@ -165,7 +209,7 @@ def _apply_overrides(record, overrides, backbone_class):
         raise ValueError(
             f"Unknown override{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(map(repr, unknown))} for preset {record['name']!r}: "
-            "overrides must be `MoEBackbone` config keys. "
+            f"overrides must be `{backbone_class.__name__}` config keys. "
             + (" ".join(hints) + " " if hints else "")
             + f"Accepted keys: {', '.join(sorted(accepted))}."
         )
@@ -206,6 +250,8 @@ def _load_directory(directory, preprocessor, check_memory, overrides):
     kwargs = dict(overrides)
     if not isinstance(preprocessor, str):  # Not "default": None or given.
         kwargs["preprocessor"] = preprocessor
+    if is_switch_config(saved_config["config"]):
+        return models.SwitchSeq2SeqLM.from_preset(str(directory), **kwargs)
     return models.MoECausalLM.from_preset(str(directory), **kwargs)
 
 

@@ -471,6 +471,36 @@ def test_a_model_no_family_describes_is_named(checkpoints, monkeypatch):
         convert.to_transformers(model, "unused")
 
 
+def test_exactly_one_family_describes_each_familys_backbone():
+    # One tiny config of each family, read by the family into a backbone
+    # (no weights): export without a model_type must pick that family, and
+    # no other family may describe it (the registry's order never decides).
+    from test_gpt_oss import CONFIG as GPT_OSS
+    from test_llama4 import SETTINGS as LLAMA4_TEXT
+    from test_zoo_families import CONFIGS as ZOO
+
+    from keras_moe.convert import registry
+    from keras_moe.convert.family import moe_settings
+    from keras_moe.models import MoEBackbone
+
+    configs = {family: factory() for family, factory in CONFIGS.items()}
+    configs.update({family: factory() for family, (factory, _) in ZOO.items()})
+    configs["gpt_oss"] = transformers.GptOssConfig(**GPT_OSS)
+    configs["llama4_text"] = transformers.Llama4TextConfig(**LLAMA4_TEXT)
+    assert len(configs) == 10
+    for model_type, config in configs.items():
+        family = registry.lookup(model_type)
+        backbone = MoEBackbone(**family.backbone_config(config.to_dict()))
+        moe = moe_settings(backbone)
+        describing = [
+            other
+            for other in registry.model_types()
+            if registry.lookup(other).describes(backbone, moe)
+        ]
+        assert describing == [model_type]
+        assert convert.infer_model_type(backbone) == model_type
+
+
 @pytest.mark.parametrize(
     "field, value",
     [
@@ -489,10 +519,12 @@ def test_unsupported_or_missing_fields_are_named(checkpoints, tmp_path, field, v
         presets.load(directory, preprocessor=None)
 
 
-def test_group_limited_greedy_deepseek_v2_is_refused(tmp_path):
+def test_unknown_deepseek_v2_topk_method_is_refused(tmp_path):
+    # `group_limited_greedy` loads (tests/test_group_limited_routing.py);
+    # V3's `noaux_tc` is not a deepseek_v2 method.
     config = CONFIGS["deepseek_v2"]().to_dict()
-    config.update(model_type="deepseek_v2", topk_method="group_limited_greedy")
-    with pytest.raises(ConversionError, match="`topk_method`"):
+    config.update(model_type="deepseek_v2", topk_method="noaux_tc")
+    with pytest.raises(ConversionError, match="`topk_method`='noaux_tc'"):
         convert.backbone_config_from_transformers(config)
 
 

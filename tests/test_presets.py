@@ -24,20 +24,60 @@ from keras_moe.models import memory
 from testing import reload_keras_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SMALL_PRESETS = ["deepseek_small", "mixtral_small", "switch_small"]
+SMALL_PRESETS = [
+    "deepseek_small", "gpt_oss_small", "mixtral_small", "switch_decoder_small",
+]
 FULL_SIZE_PRESETS = [
+    "dbrx",
+    "deepseek_v2",
     "deepseek_v2_lite",
     "deepseek_v3",
+    "glm_4_5",
+    "glm_4_5_air",
+    "gpt_oss_120b",
+    "gpt_oss_20b",
+    "grok_1",
+    "llama4_maverick",
+    "llama4_scout",
     "mixtral_8x22b",
     "mixtral_8x7b",
+    "olmoe_1b_7b",
+    "switch_decoder_base_8",
+]
+# Switch Transformer encoder-decoders (`SwitchEncoderDecoderBackbone`),
+# tested in test_switch_transformers.py.
+ENCODER_DECODER_PRESETS = [
+    "switch_base_128",
+    "switch_base_16",
+    "switch_base_256",
+    "switch_base_32",
+    "switch_base_64",
     "switch_base_8",
+    "switch_c_2048",
+    "switch_large_128",
+    "switch_t5_small",
+    "switch_xxl_128",
 ]
 PUBLISHED_PRESETS = [
+    "dbrx",
+    "deepseek_v2",
     "deepseek_v2_lite",
     "deepseek_v3",
+    "glm_4_5",
+    "glm_4_5_air",
+    "gpt_oss_120b",
+    "gpt_oss_20b",
+    "llama4_maverick",
+    "llama4_scout",
     "mixtral_8x22b",
     "mixtral_8x7b",
+    "olmoe_1b_7b",
 ]
+# Published counts given to two digits (1.3B, 12B): up to 2% is rounding.
+TWO_DIGIT_COUNTS = ("glm_4_5_air", "llama4_maverick", "llama4_scout", "olmoe_1b_7b")
+# Published totals that include a part the preset leaves out: Llama 4
+# Scout's 109B counts its vision encoder (the text model is 107.8B).
+TOTAL_TOLERANCE = {"llama4_scout": 0.02}
 GIB = 1024**3
 
 
@@ -48,7 +88,9 @@ def models():
 
 
 def test_names_lists_every_preset_file_sorted():
-    assert presets.names() == sorted(SMALL_PRESETS + FULL_SIZE_PRESETS)
+    assert presets.names() == sorted(
+        SMALL_PRESETS + FULL_SIZE_PRESETS + ENCODER_DECODER_PRESETS
+    )
     files = sorted(path.stem for path in (REPO_ROOT / "presets").glob("*.json"))
     assert presets.names() == files
 
@@ -96,7 +138,7 @@ def test_small_presets_fit_the_byte_tokenizer(name):
 
 
 def test_small_presets_have_their_documented_routing():
-    switch = presets.config("switch_small")
+    switch = presets.config("switch_decoder_small")
     assert (switch["top_k"], switch["ffn_activation"], switch["ffn_gated"]) == (
         1,
         "relu",
@@ -146,6 +188,46 @@ PUBLISHED_SHAPES = {
         num_key_value_heads=8, moe_intermediate_dim=16384, num_experts=8,
         top_k=2, vocabulary_size=32000, rope_max_wavelength=1e6,
     ),
+    "deepseek_v2": dict(
+        hidden_dim=5120, num_layers=60, num_query_heads=128,
+        moe_intermediate_dim=1536, intermediate_dim=12288, num_experts=160,
+        num_shared_experts=2, top_k=6, attention_type="mla", q_lora_rank=1536,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, first_k_dense=1, vocabulary_size=102400,
+    ),
+    "gpt_oss_20b": dict(
+        hidden_dim=2880, num_layers=24, num_query_heads=64,
+        num_key_value_heads=8, head_dim=64, moe_intermediate_dim=2880,
+        num_experts=32, top_k=4, vocabulary_size=201088, sliding_window=128,
+        attention_sinks=True, swiglu_limit=7.0, rope_max_wavelength=150000.0,
+    ),
+    "gpt_oss_120b": dict(
+        hidden_dim=2880, num_layers=36, num_query_heads=64,
+        num_key_value_heads=8, head_dim=64, moe_intermediate_dim=2880,
+        num_experts=128, top_k=4, vocabulary_size=201088, sliding_window=128,
+        attention_sinks=True, swiglu_limit=7.0, rope_max_wavelength=150000.0,
+    ),
+    "llama4_scout": dict(
+        hidden_dim=5120, num_layers=48, num_query_heads=40,
+        num_key_value_heads=8, head_dim=128, intermediate_dim=16384,
+        moe_intermediate_dim=8192, num_experts=16, top_k=1,
+        num_shared_experts=1, vocabulary_size=202048,
+        attention_chunk_size=8192, use_qk_l2_norm=True,
+        nope_layers=list(range(3, 48, 4)),
+    ),
+    "llama4_maverick": dict(
+        hidden_dim=5120, num_layers=48, num_query_heads=40,
+        num_key_value_heads=8, head_dim=128, intermediate_dim=16384,
+        moe_intermediate_dim=8192, num_experts=128, top_k=1,
+        num_shared_experts=1, moe_layer_frequency=2, vocabulary_size=202048,
+        attention_chunk_size=8192, nope_layers=list(range(3, 48, 4)),
+    ),
+    "grok_1": dict(
+        hidden_dim=6144, num_layers=64, num_query_heads=48,
+        num_key_value_heads=8, head_dim=128, moe_intermediate_dim=32768,
+        num_experts=8, top_k=2, vocabulary_size=131072, ffn_activation="gelu",
+        ffn_gated=True, tie_word_embeddings=True,
+    ),
     "deepseek_v2_lite": dict(
         hidden_dim=2048, num_layers=27, num_query_heads=16,
         moe_intermediate_dim=1408, intermediate_dim=10944, num_experts=64,
@@ -159,7 +241,35 @@ PUBLISHED_SHAPES = {
         kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
         v_head_dim=128, first_k_dense=3, vocabulary_size=129280,
     ),
-    "switch_base_8": dict(
+    "dbrx": dict(
+        hidden_dim=6144, num_layers=40, num_query_heads=48,
+        num_key_value_heads=8, moe_intermediate_dim=10752, num_experts=16,
+        top_k=4, vocabulary_size=100352, rope_max_wavelength=5e5,
+        clip_qkv=8.0, norm_type="layer", tie_word_embeddings=False,
+    ),
+    "glm_4_5": dict(
+        hidden_dim=5120, num_layers=92, num_query_heads=96,
+        num_key_value_heads=8, head_dim=128, attention_bias=True,
+        use_qk_norm=True, partial_rotary_factor=0.5, intermediate_dim=12288,
+        moe_intermediate_dim=1536, num_experts=160, num_shared_experts=1,
+        top_k=8, first_k_dense=3, vocabulary_size=151552,
+        rope_max_wavelength=1e6,
+    ),
+    "glm_4_5_air": dict(
+        hidden_dim=4096, num_layers=46, num_query_heads=96,
+        num_key_value_heads=8, head_dim=128, attention_bias=True,
+        use_qk_norm=False, partial_rotary_factor=0.5, intermediate_dim=10944,
+        moe_intermediate_dim=1408, num_experts=128, num_shared_experts=1,
+        top_k=8, first_k_dense=1, vocabulary_size=151552,
+        rope_max_wavelength=1e6,
+    ),
+    "olmoe_1b_7b": dict(
+        hidden_dim=2048, num_layers=16, num_query_heads=16,
+        num_key_value_heads=16, moe_intermediate_dim=1024, num_experts=64,
+        top_k=8, vocabulary_size=50304, use_qk_norm=True,
+        qk_norm_per_head=False, tie_word_embeddings=False,
+    ),
+    "switch_decoder_base_8": dict(
         hidden_dim=768, num_query_heads=12, intermediate_dim=3072,
         moe_intermediate_dim=3072, ffn_activation="relu", ffn_gated=False,
         num_experts=8, top_k=1, moe_layer_frequency=2, vocabulary_size=32128,
@@ -188,16 +298,47 @@ def test_deepseek_v3_routes_like_the_paper():
     }
 
 
+def test_deepseek_v2_routes_like_its_checkpoint():
+    # config.json: topk_method group_limited_greedy, n_group 8, topk_group 3,
+    # routed_scaling_factor 16.0, norm_topk_prob false, scoring softmax.
+    options = presets.config("deepseek_v2")["moe_options"]
+    assert options == {
+        **options,
+        "score_function": "softmax",
+        "expert_groups": 8,
+        "top_groups": 3,
+        "group_score": "max",
+        "routed_scaling_factor": 16.0,
+        "normalize_top_k": False,
+        "capacity_factor": None,
+    }
+
+
+def test_grok_1_count_matches_its_published_total():
+    # xAI published the total (314B) and "25% of the weights active on a
+    # given token", not an active count.
+    published = presets.info("grok_1")["published"]
+    assert published["active_params"] is None
+    counts = presets.count_params("grok_1")
+    assert abs(counts["total"] / published["total_params"] - 1) < 0.01
+    assert round(counts["active"] / counts["total"], 2) == 0.27
+
+
 @pytest.mark.parametrize("name", PUBLISHED_PRESETS)
 def test_count_params_matches_the_published_counts(name):
     published = presets.info(name)["published"]
     counts = presets.count_params(
-        name, active_embedding=published["active_params_include_embedding"]
+        name,
+        active_embedding=published["active_params_include_embedding"],
+        active_head=published.get("active_params_include_head", True),
     )
     total_error = abs(counts["total"] / published["total_params"] - 1)
     active_error = abs(counts["active"] / published["active_params"] - 1)
-    assert total_error < 0.01
-    assert active_error < (0.03 if name.startswith("deepseek") else 0.01)
+    assert total_error < TOTAL_TOLERANCE.get(name, 0.01)
+    if name.startswith("deepseek"):
+        assert active_error < 0.03
+    else:
+        assert active_error < (0.02 if name in TWO_DIGIT_COUNTS else 0.01)
 
 
 def test_count_params_exact_known_totals():
@@ -213,8 +354,24 @@ def test_active_embedding_only_changes_untied_active_counts():
     without = presets.count_params("mixtral_8x7b", active_embedding=False)
     assert without["total"] == untied["total"]
     assert untied["active"] - without["active"] == 32000 * 4096
-    tied = presets.count_params("switch_base_8")
-    assert presets.count_params("switch_base_8", active_embedding=False) == tied
+    tied = presets.count_params("switch_decoder_base_8")
+    assert presets.count_params("switch_decoder_base_8", active_embedding=False) == tied
+
+
+def test_active_head_leaves_out_the_untied_output_head():
+    with_head = presets.count_params("mixtral_8x7b", active_embedding=False)
+    without = presets.count_params(
+        "mixtral_8x7b", active_embedding=False, active_head=False
+    )
+    assert without["total"] == with_head["total"]
+    assert with_head["active"] - without["active"] == 4096 * 32000
+    # Tied: the one table is left out only when neither is counted.
+    tied = presets.count_params("switch_decoder_base_8")
+    assert presets.count_params("switch_decoder_base_8", active_head=False) == tied
+    neither = presets.count_params(
+        "switch_decoder_base_8", active_embedding=False, active_head=False
+    )
+    assert tied["active"] - neither["active"] == 32128 * 768
 
 
 def test_count_params_accepts_names_configs_and_records():
@@ -247,6 +404,13 @@ FAMILIES = {
         moe_intermediate_dim=4, num_shared_experts=1,
         shared_intermediate_dim=20, shared_expert_gate=True,
         moe_options={"normalize_top_k": False},
+    ),
+    "gqa_sinks_all_biases_clamped_swiglu_sliding": dict(
+        num_layers=2, num_query_heads=4, num_key_value_heads=2,
+        attention_bias=True, attention_output_bias=True, attention_sinks=True,
+        sliding_window=3, attention_layer_types=["sliding_attention", "full_attention"],
+        num_experts=4, top_k=2, moe_intermediate_dim=8, swiglu_alpha=1.702,
+        swiglu_limit=7.0, moe_options={"use_bias": True, "router_bias": True},
     ),
     "mla_q_lora_first_dense_shared_bias_balancing": dict(
         num_layers=3, attention_type="mla", q_lora_rank=12, kv_lora_rank=8,
@@ -310,7 +474,36 @@ SHRINK = dict(
 SHRINK_BY_PRESET = {
     "mixtral_8x7b": dict(num_layers=2, num_key_value_heads=2, head_dim=8),
     "mixtral_8x22b": dict(num_layers=2, num_key_value_heads=2, head_dim=8),
-    "switch_base_8": dict(num_layers=4, num_key_value_heads=4, head_dim=8),
+    "switch_decoder_base_8": dict(num_layers=4, num_key_value_heads=4, head_dim=8),
+    "olmoe_1b_7b": dict(num_layers=2, num_key_value_heads=2, num_experts=16),
+    "dbrx": dict(num_layers=2, num_key_value_heads=2, num_experts=4, top_k=2),
+    "glm_4_5": dict(
+        num_layers=4, num_key_value_heads=2, head_dim=8, num_experts=16,
+    ),
+    "glm_4_5_air": dict(
+        num_layers=2, num_key_value_heads=2, head_dim=8, num_experts=16,
+    ),
+    "grok_1": dict(num_layers=2, num_key_value_heads=2, head_dim=8),
+    "llama4_scout": dict(
+        num_layers=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+        shared_intermediate_dim=8, nope_layers=[3],
+    ),
+    "llama4_maverick": dict(
+        num_layers=4, num_key_value_heads=2, head_dim=8, num_experts=8,
+        shared_intermediate_dim=8, nope_layers=[3],
+    ),
+    "gpt_oss_20b": dict(
+        num_layers=2, num_key_value_heads=2, head_dim=8, num_experts=8,
+        attention_layer_types=["sliding_attention", "full_attention"],
+    ),
+    "gpt_oss_120b": dict(
+        num_layers=2, num_key_value_heads=2, head_dim=8, num_experts=8,
+        attention_layer_types=["sliding_attention", "full_attention"],
+    ),
+    "deepseek_v2": dict(
+        num_layers=3, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=4,
+        qk_rope_head_dim=4, v_head_dim=4, num_experts=16,
+    ),
     "deepseek_v2_lite": dict(
         num_layers=3, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
         v_head_dim=4, num_experts=16,
@@ -472,7 +665,7 @@ def test_memory_guard_lets_small_and_unchecked_loads_through(monkeypatch):
     monkeypatch.setattr(
         memory, "available_memory", lambda: ("this machine", 1 * GIB)
     )
-    presets.load("switch_small", preprocessor=None, num_layers=1)
+    presets.load("switch_decoder_small", preprocessor=None, num_layers=1)
     # The full-size check runs on the shrunk config, which fits.
     presets.load(
         "mixtral_8x7b",
@@ -483,9 +676,9 @@ def test_memory_guard_lets_small_and_unchecked_loads_through(monkeypatch):
         memory, "available_memory", lambda: ("this machine", 1024)
     )
     with pytest.raises(presets.PresetTooLargeError):
-        presets.load("switch_small", preprocessor=None, num_layers=1)
+        presets.load("switch_decoder_small", preprocessor=None, num_layers=1)
     presets.load(
-        "switch_small", preprocessor=None, num_layers=1, check_memory=False
+        "switch_decoder_small", preprocessor=None, num_layers=1, check_memory=False
     )
 
 
@@ -513,7 +706,7 @@ def test_unknown_preset_name_lists_close_matches():
     assert "Did you mean 'mixtral_small'" in str(error.value)
     with pytest.raises(ValueError, match="'deepseek_v3'"):
         presets.config("deepseek-v3")
-    with pytest.raises(ValueError, match="Available presets: deepseek_small"):
+    with pytest.raises(ValueError, match="Available presets: dbrx, deepseek_small"):
         presets.count_params("gpt4")
 
 
@@ -647,10 +840,10 @@ def test_train_lm_example_reads_given_text_files(tmp_path):
     env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "examples" / "train_lm.py"), "--fast",
-         "--preset", "switch_small", "--text-files", str(text_file),
+         "--preset", "switch_decoder_small", "--text-files", str(text_file),
          "--output-dir", str(tmp_path / "out"), "--sample-length", "0"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 file(s) given" in result.stdout
-    assert (tmp_path / "out" / "switch_small.keras").is_file()
+    assert (tmp_path / "out" / "switch_decoder_small.keras").is_file()

@@ -147,6 +147,42 @@ def rope_theta(hf_config, default):
     return float(default if theta is None else theta)
 
 
+def partial_rotary_factor(hf_config, default=1.0):
+    """The fraction of each head RoPE rotates: `partial_rotary_factor`.
+
+    Read from the top level of the config (transformers 4, and real
+    `config.json` files) or from transformers 5's `rope_parameters`.
+
+    Args:
+        hf_config: dict, a transformers `config.json`.
+        default: float, the family's default when the config has neither.
+
+    Returns:
+        A float.
+
+    Raises:
+        ConversionError: for a value outside `(0, 1]`.
+
+    Example:
+
+    >>> partial_rotary_factor({"rope_parameters": {"partial_rotary_factor": 0.5}})
+    0.5
+    """
+    rope_parameters = hf_config.get("rope_parameters") or {}
+    factor = hf_config.get(
+        "partial_rotary_factor", rope_parameters.get("partial_rotary_factor")
+    )
+    factor = default if factor is None else factor
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (
+        0 < factor <= 1
+    ):
+        raise ConversionError(
+            "config.json field `partial_rotary_factor` must be a number in "
+            f"(0, 1]. Received: partial_rotary_factor={factor!r}"
+        )
+    return float(factor)
+
+
 def rope_scaling(hf_config, yarn_allowed):
     """The YaRN `rope_scaling` of a config, or None for plain RoPE.
 
@@ -200,6 +236,34 @@ def rope_scaling(hf_config, yarn_allowed):
         return normalize_rope_scaling({"rope_type": "yarn", **scaling})
     except ValueError as error:
         raise ConversionError(f"config.json field `{name}`: {error}") from None
+
+
+def sliding_window(hf_config):
+    """The `sliding_window` of a config: a positive int, or None.
+
+    Args:
+        hf_config: dict, a transformers `config.json`.
+
+    Returns:
+        An int, or None when the field is absent, null or 0 (no window).
+
+    Raises:
+        ConversionError: for a value that is not a non-negative integer.
+
+    Example:
+
+    >>> sliding_window({"sliding_window": 4096}), sliding_window({})
+    (4096, None)
+    """
+    window = hf_config.get("sliding_window")
+    if window is None or window == 0:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ConversionError(
+            "config.json field `sliding_window` must be a positive integer or "
+            f"null. Received: sliding_window={window!r}"
+        )
+    return window
 
 
 def warn_sliding_window(hf_config):

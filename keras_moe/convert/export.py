@@ -21,9 +21,12 @@ def infer_model_type(backbone):
 
     Each registered family says whether it describes the backbone (see
     `keras_moe.convert.registry.family_of`): MLA attention is DeepSeek
-    (`deepseek_v3` with sigmoid routing, `deepseek_v2` with softmax); GQA
-    with per-head q/k norm is `qwen3_moe`; GQA with shared experts is
-    `qwen2_moe`; plain GQA is `mixtral`.
+    (`deepseek_v3` with sigmoid routing, `deepseek_v2` with softmax). GQA
+    with LayerNorm is `dbrx`, with attention sinks `gpt_oss`, with routing
+    weights on the expert inputs `llama4_text`, with sigmoid routing
+    `glm4_moe`; otherwise GQA with per-head q/k norm is `qwen3_moe`, with
+    projection-wide q/k norm `olmoe`, with shared experts `qwen2_moe`, and
+    plain GQA is `mixtral`.
 
     Args:
         backbone: a `MoEBackbone`.
@@ -94,7 +97,7 @@ def to_transformers(
     `model.safetensors.index.json`), in the layout of the family's
     checkpoints on the Hub (one tensor per expert), so
     `AutoModelForCausalLM.from_pretrained(directory)` computes the same
-    logits. With a `HuggingFaceTokenizer` in the preprocessor, its
+    logits. GPT-OSS experts are written stacked, in float (not MXFP4). With a `HuggingFaceTokenizer` in the preprocessor, its
     `tokenizer.json` and a `tokenizer_config.json` are written too.
 
     Weights are written in their dtype. Shards are written one at a time:
@@ -103,7 +106,9 @@ def to_transformers(
     gives the logits of its dropless routing once exported.
 
     Args:
-        model: a `MoECausalLM` or a `MoEBackbone`.
+        model: a `MoECausalLM` or a `MoEBackbone`, or a `SwitchSeq2SeqLM`
+            or `SwitchEncoderDecoderBackbone` (written as a
+            `switch_transformers` checkpoint).
         directory: the output directory (created if needed).
         model_type: one of `SUPPORTED_MODEL_TYPES`, or `None` to infer it
             from the architecture (see `infer_model_type`).
@@ -128,7 +133,10 @@ def to_transformers(
     backbone = getattr(model, "backbone", model)
     family = _family(backbone, model_type)
     config = family.transformers_config(backbone)
-    mappings = weight_mappings(backbone, family)
+    if hasattr(family, "weight_mappings"):  # a family of its own backbone class
+        mappings = family.weight_mappings(backbone)
+    else:
+        mappings = weight_mappings(backbone, family)
     os.makedirs(directory, exist_ok=True)
 
     shards, current, current_bytes = [], {}, 0
@@ -146,11 +154,17 @@ def to_transformers(
                 weight_map[name] = file_name
         current, current_bytes = {}, 0
 
-    for mapping in mappings:
-        for name, tensor in _tensors(mapping):
+    # Tensors a family's checkpoints store more than once (DeepSeek-V3's
+    # multi-token prediction layer copies the embedding and output head).
+    copies = {}
+    if hasattr(family, "tensor_copies"):
+        copies = family.tensor_copies(backbone)
+    tensors = (pair for mapping in mappings for pair in _tensors(mapping))
+    for name, tensor in family.stored_tensors(backbone, tensors):
+        for stored_name in [name, *copies.get(name, ())]:
             if current and current_bytes + tensor.nbytes > max_shard_size:
                 flush()
-            current[name] = tensor
+            current[stored_name] = tensor
             current_bytes += tensor.nbytes
             total_bytes += tensor.nbytes
     flush()

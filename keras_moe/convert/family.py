@@ -14,6 +14,7 @@ import keras
 
 from keras_moe.convert import config_fields
 from keras_moe.convert.checkpoint import ConversionError
+from keras_moe.convert.checkpoint import SafetensorsCheckpoint
 from keras_moe.models.backbone_config import config_moe_layer_flags
 
 # Tensor names shared by the transformers decoders (Llama layout), keyed by
@@ -44,6 +45,27 @@ DECODER_TENSOR_NAMES = {
     "moe/experts/down_kernel": (
         "model.layers.{layer}.mlp.experts.{expert}.down_proj.weight"
     ),
+}
+# GQA options of `MoEBackbone` and their defaults: a family whose
+# `attention_options` leaves one out cannot hold another value.
+ATTENTION_OPTIONS = {
+    "qk_norm_per_head": True,
+    "clip_qkv": None,
+    "partial_rotary_factor": 1.0,
+    "sliding_window": None,
+    "attention_layer_types": None,
+    "attention_sinks": False,
+    "attention_output_bias": False,
+    # Llama 4.
+    "attention_chunk_size": None,
+    "nope_layers": None,
+    "use_qk_l2_norm": False,
+    "attention_temperature_floor_scale": None,
+    # Not attention, refused the same way: GPT-OSS's clamped SwiGLU.
+    "swiglu_alpha": None,
+    "swiglu_limit": None,
+    # Nor this: DBRX's LayerNorm without bias in place of RMSNorm.
+    "norm_type": "rms",
 }
 _TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 _EXPORTED_ACTIVATIONS = ("silu", "gelu", "relu")
@@ -120,6 +142,21 @@ class Family:
             spellings of tensor names found in stored checkpoints.
         expert_projections: the per-expert names of the gate, up and down
             projections in the tensor names.
+        dequantized_methods: the `quantization_config` `quant_method`s
+            whose weights the family's `open_checkpoint` dequantizes on
+            load (GPT-OSS: `"mxfp4"`); other quantized checkpoints are
+            refused.
+        routing_weights_on: where its MoE layers apply the routing
+            weights (`SparseMoE(routing_weights_on=...)`): `"outputs"`, or
+            `"inputs"` (Llama 4).
+        llama3_rope: bool, whether its checkpoints may use a llama3
+            `rope_scaling`.
+        expert_biases: bool, whether its routed experts' projections have
+            biases (GPT-OSS) or not (the others).
+        attention_options: the GQA options with a non-default value that
+            the family's checkpoints can hold, among `ATTENTION_OPTIONS`
+            (`qk_norm_per_head`, `clip_qkv`, `partial_rotary_factor`);
+            export refuses the others.
 
     Example:
 
@@ -138,6 +175,11 @@ class Family:
     tensor_names = DECODER_TENSOR_NAMES
     checkpoint_aliases = ()
     expert_projections = ("gate_proj", "up_proj", "down_proj")
+    attention_options = ()
+    dequantized_methods = ()
+    routing_weights_on = "outputs"
+    llama3_rope = False
+    expert_biases = False
 
     # --- Hugging Face config -> MoEBackbone ---------------------------------
 
@@ -156,6 +198,39 @@ class Family:
         """Whether the config's `sliding_window` applies to its attention."""
         return True
 
+    def attention_window(self, hf_config):
+        """`sliding_window` and `attention_layer_types` of a config.
+
+        By default (Mixtral) a config's `sliding_window`, when
+        `uses_sliding_window`, applies to every layer.
+
+        Args:
+            hf_config: dict, a `config.json` of this `model_type`.
+
+        Returns:
+            A dict of those two `MoEBackbone` arguments.
+        """
+        window = None
+        if self.uses_sliding_window(hf_config):
+            window = config_fields.sliding_window(hf_config)
+        return dict(sliding_window=window, attention_layer_types=None)
+
+    def open_checkpoint(self, directory):
+        """The tensors of a checkpoint directory of this family.
+
+        Args:
+            directory: the checkpoint directory.
+
+        Returns:
+            A `keras_moe.convert.checkpoint.SafetensorsCheckpoint` (or one
+            that reads the family's stored layout the same way).
+        """
+        return SafetensorsCheckpoint(
+            directory,
+            aliases=self.checkpoint_aliases,
+            expert_projections=self.expert_projections,
+        )
+
     def decoder_config(self, hf_config):
         """The `MoEBackbone` arguments every decoder family reads alike.
 
@@ -166,10 +241,14 @@ class Family:
             A dict: sizes, RoPE, norms, embedding tying and activation.
         """
         scaling = config_fields.rope_scaling(hf_config, self.yarn)
-        if self.uses_sliding_window(hf_config):
+        window = {}
+        if self.attention_type == "gqa":
+            window = self.attention_window(hf_config)
+        elif self.uses_sliding_window(hf_config):
             config_fields.warn_sliding_window(hf_config)
         int_field, field = config_fields.int_field, config_fields.field
         return dict(
+            **window,
             vocabulary_size=int_field(hf_config, "vocab_size"),
             num_layers=int_field(hf_config, "num_hidden_layers"),
             hidden_dim=int_field(hf_config, "hidden_size"),
@@ -198,6 +277,42 @@ class Family:
             A bool.
         """
         raise NotImplementedError
+
+    def distinctive_feature(self, backbone, moe):
+        """The one mechanism that sets a GQA backbone's family apart, or None.
+
+        Checked in a fixed order, so that a backbone with several of them
+        (which no single family holds) still gets one answer, and the families'
+        `describes` stay disjoint: `"layer_norm"` (DBRX), `"attention_sinks"`
+        (GPT-OSS), `"routing_weights_on_inputs"` (Llama 4), `"sigmoid_routing"`
+        (GLM-4.5). Backbones with none of them are told apart by q/k norm and
+        shared experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+
+        Args:
+            backbone: a `MoEBackbone`.
+            moe: its `moe_settings`.
+
+        Returns:
+            One of the strings above, or None.
+
+        Example:
+
+        >>> from keras_moe.models import MoEBackbone
+        >>> backbone = MoEBackbone(
+        ...     vocabulary_size=32, num_layers=1, hidden_dim=8, num_query_heads=2,
+        ...     num_experts=2, top_k=1, moe_intermediate_dim=4, attention_sinks=True)
+        >>> Family().distinctive_feature(backbone, moe_settings(backbone))
+        'attention_sinks'
+        """
+        if getattr(backbone, "norm_type", "rms") == "layer":
+            return "layer_norm"
+        if getattr(backbone, "attention_sinks", False):
+            return "attention_sinks"
+        if moe.get("routing_weights_on", "outputs") == "inputs":
+            return "routing_weights_on_inputs"
+        if moe["score_function"] == "sigmoid":
+            return "sigmoid_routing"
+        return None
 
     def check_exportable(self, backbone, moe):
         """Refuse (`self.refuse`) what the family's checkpoints cannot hold.
@@ -276,8 +391,11 @@ class Family:
             self.refuse("its feed-forward layers are not gated (ffn_gated=False).")
         if backbone.ffn_activation not in _EXPORTED_ACTIVATIONS:
             self.refuse(f"ffn_activation={backbone.ffn_activation!r}.")
-        if moe["routing"] != "token_choice" or moe["use_bias"]:
-            self.refuse("only token-choice routing without expert biases exists there.")
+        if moe["routing"] != "token_choice":
+            self.refuse("only token-choice routing exists there.")
+        if bool(moe["use_bias"]) != self.expert_biases:
+            having = "have" if moe["use_bias"] else "have no"
+            self.refuse(f"its experts' projections {having} biases (use_bias).")
         if moe["noisy_gating"]:
             warnings.warn(
                 "Noisy gating is a training-time option that transformers "
@@ -286,10 +404,20 @@ class Family:
             )
         if backbone.attention_type != self.attention_type:
             self.refuse(f"its attention is {backbone.attention_type!r}.")
+        for name, default in ATTENTION_OPTIONS.items():
+            value = getattr(backbone, name, default)
+            if name not in self.attention_options and value != default:
+                self.refuse(f"its attention sets {name}={value!r}.")
         if moe["score_function"] != self.score_function:
             self.refuse(
                 f"its router uses score_function={moe['score_function']!r}."
             )
+        weights_on = moe.get("routing_weights_on", "outputs")
+        if weights_on != self.routing_weights_on:
+            self.refuse(f"its MoE layers set routing_weights_on={weights_on!r}.")
+        scaling = getattr(backbone, "rope_scaling", None)
+        if scaling and scaling.get("rope_type") == "llama3" and not self.llama3_rope:
+            self.refuse("its RoPE has a llama3 rope_scaling.")
 
     # --- Tensors --------------------------------------------------------
 
@@ -316,3 +444,29 @@ class Family:
         if template is None:
             return None
         return template.replace("{layer}", str(weight.layer))
+
+    def stored_tensors(self, backbone, tensors):
+        """Checkpoint tensors in the layout the family's files store.
+
+        The writing side of `open_checkpoint`: export names tensors by
+        `tensor_name` (one `[out, in]` tensor per routed expert); a family
+        whose files store them otherwise (GPT-OSS's stacked experts)
+        regroups them here.
+
+        Args:
+            backbone: the `MoEBackbone` being written.
+            tensors: iterable of `(name, array)` pairs named by
+                `tensor_name`.
+
+        Yields:
+            `(name, array)` pairs as the checkpoint stores them (here, the
+            same pairs).
+
+        Example:
+
+        >>> from keras_moe.convert import registry
+        >>> pairs = [("model.norm.weight", [1.0, 1.0])]
+        >>> [name for name, _ in registry.lookup("mixtral").stored_tensors(None, pairs)]
+        ['model.norm.weight']
+        """
+        yield from tensors

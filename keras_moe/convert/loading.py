@@ -13,7 +13,6 @@ from keras_moe import models
 from keras_moe.convert import hub
 from keras_moe.convert import registry
 from keras_moe.convert.checkpoint import ConversionError
-from keras_moe.convert.checkpoint import SafetensorsCheckpoint
 from keras_moe.convert.checkpoint import read_config
 from keras_moe.convert.tokenizer import HuggingFaceTokenizer
 from keras_moe.convert.weight_mapping import weight_mappings
@@ -25,7 +24,7 @@ from keras_moe.models.memory import check_fits_in_memory
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 # Overrides that change neither the architecture nor the weights.
-CHECKPOINT_OVERRIDES = ("dtype", "dropout", "moe_options")
+CHECKPOINT_OVERRIDES = ("dtype", "dropout", "moe_options", "mtp_loss_weight")
 DEFAULT_SEQUENCE_LENGTH = 1024
 
 
@@ -66,10 +65,15 @@ def from_transformers(
             default: the Keras default), `dropout`, and `moe_options`
             (merged into the converted options, e.g.
             `{"capacity_factor": 1.25}` to train with capacity limits; the
-            default is dropless routing, as in transformers).
+            default is dropless routing, as in transformers), and
+            `mtp_loss_weight` (the loss weight of DeepSeek-V3's multi-token
+            prediction layer, when the checkpoint holds it).
 
     Returns:
-        A `keras_moe.models.MoECausalLM`, not compiled.
+        A `keras_moe.models.MoECausalLM`, not compiled; for a
+        `switch_transformers` (encoder-decoder) checkpoint, a
+        `keras_moe.models.SwitchSeq2SeqLM` (see
+        `keras_moe.convert.families.switch_transformers`).
 
     Raises:
         ConversionError: for an unsupported `model_type`, a config field
@@ -93,15 +97,21 @@ def from_transformers(
     directory = _local_directory(path)
     hf_config = read_config(directory)
     family = registry.lookup(hf_config.get("model_type"))
-    _check_unquantized(hf_config)
+    _check_unquantized(hf_config, family)
+    if hasattr(family, "load_model"):
+        # Encoder-decoder families (Switch Transformer) build their own
+        # task model; the rest of this function is for `MoEBackbone`s.
+        return family.load_model(
+            directory, hf_config, preprocessor, check_memory=check_memory, **overrides
+        )
     backbone_config = backbone_config_from_transformers(hf_config)
     _apply_overrides(backbone_config, overrides)
 
-    checkpoint = SafetensorsCheckpoint(
-        directory,
-        aliases=family.checkpoint_aliases,
-        expert_projections=family.expert_projections,
-    )
+    checkpoint = family.open_checkpoint(directory)
+    if backbone_config.get("num_mtp_layers"):
+        backbone_config["num_mtp_layers"] = _stored_mtp_layers(
+            backbone_config, checkpoint
+        )
     try:
         if check_memory:
             check_fits_in_memory(
@@ -137,10 +147,13 @@ def backbone_config_from_transformers(hf_config):
     The config's `model_type` picks the family (`registry.lookup`). Routing
     is dropless (`capacity_factor=None`, as in transformers) with the
     family's scoring: softmax then renormalised top-k (Mixtral), softmax
-    top-k renormalised only with `norm_topk_prob` (Qwen-MoE), greedy softmax
-    top-k times `routed_scaling_factor` (DeepSeek-V2), sigmoid scores with
+    top-k renormalised only with `norm_topk_prob` (Qwen-MoE), greedy or
+    group-limited greedy softmax top-k times `routed_scaling_factor`
+    (DeepSeek-V2; a group scores its best expert), sigmoid scores with
     group-limited selection over scores plus `e_score_correction_bias`
-    (DeepSeek-V3, whose bias is the router's non-trainable `expert_bias`).
+    (DeepSeek-V3, whose bias is the router's non-trainable `expert_bias`,
+    and GLM-4.5); softmax top-k not renormalised (OLMoE) or renormalised
+    (DBRX's `moe_normalize_expert_weights=1`).
     DeepSeek's YaRN `rope_scaling` is kept (`MoEBackbone(rope_scaling=...)`);
     any other RoPE scaling is refused.
     Fine-tuning options are set from the config where it has them
@@ -203,10 +216,12 @@ def _local_directory(path):
     return directory
 
 
-def _check_unquantized(hf_config):
+def _check_unquantized(hf_config, family):
     quantization = hf_config.get("quantization_config")
     if quantization:
         method = quantization.get("quant_method", "unknown")
+        if method in family.dequantized_methods:
+            return  # The family's checkpoint reader dequantizes them.
         raise ConversionError(
             "config.json has a `quantization_config` "
             f"(quant_method={method!r}): quantized weights are not converted. "
@@ -412,6 +427,25 @@ def load_weights(backbone, checkpoint, family):
     if backbone.tie_word_embeddings:
         used.add("lm_head.weight")  # Some tied checkpoints store it anyway.
     _warn_unused(checkpoint, used, backbone.num_layers)
+
+
+def _stored_mtp_layers(backbone_config, checkpoint):
+    """How many of the config's multi-token prediction layers are stored.
+
+    They follow the decoder layers (DeepSeek-V3: `num_nextn_predict_layers`
+    layers from index `num_hidden_layers`); checkpoints saved by
+    transformers, whose model has none, leave them out.
+    """
+    num_layers = backbone_config["num_layers"]
+    stored = set()
+    for name in checkpoint.keys():
+        layer = _LAYER_INDEX.match(name)
+        if layer:
+            stored.add(int(layer.group(1)))
+    count = 0
+    while count < backbone_config["num_mtp_layers"] and num_layers + count in stored:
+        count += 1
+    return count
 
 
 def _warn_unused(checkpoint, used, num_layers):

@@ -1,5 +1,6 @@
 """Mixture-of-Experts layers."""
 
+from keras_moe.layers.clamped_swiglu import ClampedSwiGLU
 from keras_moe.layers.experts import Experts
 from keras_moe.layers.feed_forward import FeedForward
 from keras_moe.layers.hierarchical_moe import HierarchicalMoE

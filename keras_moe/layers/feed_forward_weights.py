@@ -10,6 +10,7 @@ kernels, how they contract with its inputs, and its own arguments.
 import keras
 from keras import ops
 
+from keras_moe.layers.clamped_swiglu import ClampedSwiGLU
 from keras_moe.layers.projection_arguments import get_activation
 from keras_moe.layers.quantized_projections import QUANTIZATION_MODES
 from keras_moe.layers.quantized_projections import QuantizedProjections
@@ -29,7 +30,8 @@ class FeedForwardWeights(QuantizedProjections):
     axis of its input: `[E, d, f]` for a bank of experts (inputs
     `[..., E, C, d]`), `[d, f]` for a dense block (inputs `[..., d]`). Gated
     blocks compute `down(activation(x @ gate) * (x @ up))`, plain ones
-    `down(activation(x @ up))`.
+    `down(activation(x @ up))`. A `ClampedSwiGLU` activation (GPT-OSS)
+    combines the gate and up projections itself, clamped and with `up + 1`.
 
     On top of the float block it implements Keras' quantization and LoRA
     protocol of `keras.layers.EinsumDense`, so that `model.quantize(...)`
@@ -73,7 +75,8 @@ class FeedForwardWeights(QuantizedProjections):
 
     Args:
         intermediate_dim: int, the hidden width `f`.
-        activation: activation name or callable. Defaults to `"silu"`.
+        activation: activation name or callable, or a `ClampedSwiGLU`
+            (gated blocks only). Defaults to `"silu"`.
         gated: bool, whether the block is a GLU. Defaults to True.
         use_bias: bool, whether the projections have biases.
         kernel_initializer: initializer of the kernels.
@@ -128,6 +131,12 @@ class FeedForwardWeights(QuantizedProjections):
         self.activation = activation
         self._activation_fn = get_activation(activation)
         self.gated = check_bool("gated", gated)
+        if isinstance(self._activation_fn, ClampedSwiGLU) and not self.gated:
+            raise ValueError(
+                "A `ClampedSwiGLU` activation combines a gate and an up "
+                "projection: it needs `gated=True`. Received: gated=False, "
+                f"activation={self._activation_fn!r}"
+            )
         self.use_bias = check_bool("use_bias", use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
@@ -189,7 +198,9 @@ class FeedForwardWeights(QuantizedProjections):
 
     def _feed_forward(self, inputs, project):
         up = project(inputs, "up")
-        if self.gated:
+        if isinstance(self._activation_fn, ClampedSwiGLU):
+            hidden = self._activation_fn.gated_product(project(inputs, "gate"), up)
+        elif self.gated:
             hidden = self._activation_fn(project(inputs, "gate")) * up
         else:
             hidden = self._activation_fn(up)
@@ -304,7 +315,7 @@ class FeedForwardWeights(QuantizedProjections):
                 "activation": (
                     self.activation
                     if isinstance(self.activation, str)
-                    else keras.activations.serialize(self.activation)
+                    else keras.activations.serialize(self._activation_fn)
                 ),
                 "gated": self.gated,
                 "use_bias": self.use_bias,

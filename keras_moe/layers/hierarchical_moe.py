@@ -11,6 +11,8 @@ _FLAT_ROUTER_OPTIONS = (
     "score_function",
     "routed_scaling_factor",
     "expert_groups",
+    "group_score",
+    "router_bias",
     "bias_update_rate",
     "jitter",
     "noisy_gating",
@@ -44,8 +46,8 @@ class HierarchicalMoE(SparseMoE):
             levels learn from the task loss even with one choice).
         **kwargs: the other `SparseMoE` arguments: capacity, losses, experts
             and base-layer arguments. The flat-router options
-            (`score_function`, `expert_groups`, `bias_update_rate`, ...) do
-            not apply.
+            (`score_function`, `expert_groups`, `bias_update_rate`,
+            `router_bias`, ...) do not apply.
 
     Call arguments:
         inputs: `[..., d]`.

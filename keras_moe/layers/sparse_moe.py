@@ -108,6 +108,10 @@ class SparseMoE(MoELayer):
         expert_groups: int dividing `num_experts`: group-limited routing
             over this many groups of experts (1 = off).
         top_groups: int in `[1, expert_groups]`, groups a token may use.
+        group_score: `"top2_sum"` (DeepSeek-V3) or `"max"` (DeepSeek-V2),
+            how group-limited routing scores a group: the sum of its two
+            best experts' scores, or its best expert's score.
+        router_bias: bool, a trainable bias on the router logits (GPT-OSS).
         bias_update_rate: float >= 0, the step of aux-loss-free balancing
             (0 = off).
         jitter: float in `[0, 1)`, multiplicative noise on the router's
@@ -141,6 +145,11 @@ class SparseMoE(MoELayer):
             (PyTorch >= 2.9). Grouped kernels apply to token-choice routing
             on a single routing group; a kernel of another backend raises a
             `ValueError`.
+        routing_weights_on: `"outputs"` (the default) multiplies each
+            expert's output by the token's routing weight; `"inputs"`
+            multiplies the token by it before the expert, as Llama 4 does
+            (`expert(w * x)`, which differs for non-linear experts). Token
+            choice only.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -185,6 +194,8 @@ class SparseMoE(MoELayer):
         routed_scaling_factor=1.0,
         expert_groups=1,
         top_groups=1,
+        group_score="top2_sum",
+        router_bias=False,
         bias_update_rate=0.0,
         jitter=0.0,
         noisy_gating=False,
@@ -203,6 +214,7 @@ class SparseMoE(MoELayer):
         seed=None,
         track_router_stats=True,
         expert_kernel="auto",
+        routing_weights_on="outputs",
         **kwargs,
     ):
         super().__init__(
@@ -228,6 +240,15 @@ class SparseMoE(MoELayer):
         )
         self.causal = check_bool("causal", causal)
         self.expert_kernel = check_expert_kernel(expert_kernel)
+        self.routing_weights_on = check_choice(
+            "routing_weights_on", routing_weights_on, ("outputs", "inputs")
+        )
+        if routing == "expert_choice" and routing_weights_on != "outputs":
+            raise ValueError(
+                "routing_weights_on='inputs' applies to token-choice routing. "
+                f"Received: routing={routing!r}, "
+                f"routing_weights_on={routing_weights_on!r}"
+            )
         if routing == "expert_choice" and expert_kernel not in ("auto", "buffers"):
             raise ValueError(
                 f"expert_kernel={expert_kernel!r} applies to token-choice "
@@ -241,6 +262,8 @@ class SparseMoE(MoELayer):
             "routed_scaling_factor": routed_scaling_factor,
             "expert_groups": expert_groups,
             "top_groups": top_groups,
+            "group_score": group_score,
+            "router_bias": router_bias,
             "bias_update_rate": bias_update_rate,
             "jitter": jitter,
             "noisy_gating": noisy_gating,
@@ -323,6 +346,8 @@ class SparseMoE(MoELayer):
             tile_size=None if grouped is None else grouped[1],
         )
         dispatched = dispatch(tokens, decision.plan)
+        if self.routing_weights_on == "inputs":
+            dispatched, decision = self._weighted_inputs(dispatched, decision)
         if decision.plan.tiles is not None:
             expert_outputs = self._run_grouped_experts(
                 dispatched, decision.plan.tiles, grouped[0]
@@ -338,6 +363,31 @@ class SparseMoE(MoELayer):
             if self.router.balancing_bias is not None:
                 self.router.update_bias(decision.plan.expert_counts)
         return ops.reshape(outputs, ops.shape(inputs))
+
+    def _weighted_inputs(self, dispatched, decision):
+        """Expert rows times their routing weight, and a decision that
+        combines the outputs with weight 1 (`routing_weights_on="inputs"`)."""
+        plan = decision.plan
+        slot_shape = ops.shape(plan.slot_filled)  # [G, E, C], or [G, M] rows
+        num_groups = slot_shape[0]
+        slots_per_group = 1
+        for size in slot_shape[1:]:
+            slots_per_group = slots_per_group * size
+        # [G, k, T], zero for dropped choices: those all point at slot 0.
+        weights = ops.transpose(decision.combine_weights, (0, 2, 1))
+        weights = ops.where(plan.choice_kept, weights, ops.zeros((), weights.dtype))
+        offsets = ops.reshape(
+            ops.arange(num_groups, dtype="int32") * slots_per_group, (-1, 1, 1)
+        )
+        slot_weights = ops.scatter(
+            ops.reshape(plan.choice_slots + offsets, (-1, 1)),
+            ops.reshape(weights, (-1,)),
+            (num_groups * slots_per_group,),
+        )
+        slot_weights = ops.reshape(slot_weights, tuple(slot_shape) + (1,))
+        dispatched = dispatched * ops.cast(slot_weights, dispatched.dtype)
+        unit = ops.ones_like(decision.combine_weights)
+        return dispatched, decision._replace(combine_weights=unit)
 
     def _grouped_kernel(self, num_tokens, capacity, groups):
         """`(kernel, tile_size)` of the grouped matmul for this call, or None
@@ -410,6 +460,7 @@ class SparseMoE(MoELayer):
                 "sequence_aux_loss_weight": self.sequence_aux_loss_weight,
                 "causal": self.causal,
                 "expert_kernel": self.expert_kernel,
+                "routing_weights_on": self.routing_weights_on,
             }
         )
         config.update(self._router_config())

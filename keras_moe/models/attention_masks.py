@@ -2,8 +2,12 @@
 
 Both attention layers of `keras_moe.models` score queries against keys the
 same way: a query at absolute position `p` sees the keys at positions `<= p`
-that are not padding. During cached decoding the queries start at
-`cache_update_index` and the keys are the whole cache.
+that are not padding, and with a sliding window of `w` tokens only those at
+positions `> p - w` (the window of Mistral, Qwen and GPT-OSS, as
+transformers' `sliding_window_overlay` draws it), and with chunks of `c`
+tokens only those of its own chunk, `k // c == p // c` (Llama 4's chunked
+attention, transformers' `chunked_overlay`). During cached decoding the
+queries start at `cache_update_index` and the keys are the whole cache.
 """
 
 from keras import ops
@@ -14,7 +18,14 @@ from keras import ops
 _MASKED_SCORE = -1e9
 
 
-def attention_mask(query_length, key_length, start_index=0, padding_mask=None):
+def attention_mask(
+    query_length,
+    key_length,
+    start_index=0,
+    padding_mask=None,
+    sliding_window=None,
+    chunk_size=None,
+):
     """The boolean mask of the keys each query may attend to.
 
     Args:
@@ -23,17 +34,39 @@ def attention_mask(query_length, key_length, start_index=0, padding_mask=None):
         start_index: int or scalar int tensor, the absolute position of the
             first query (the keys start at position 0).
         padding_mask: optional `[batch, key_length]`, truthy for real keys.
+        sliding_window: optional int, the number of most recent positions
+            (the query's own included) a query may see.
+        chunk_size: optional int, the length of the chunks positions are
+            cut into (from position 0); a query sees only its own chunk.
 
     Returns:
         A bool tensor `[batch or 1, query_length, key_length]`.
+
+    Example:
+
+    >>> from keras import ops
+    >>> mask = attention_mask(4, 4, sliding_window=2)
+    >>> ops.convert_to_numpy(mask)[0].astype(int).tolist()
+    [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    >>> mask = attention_mask(4, 4, chunk_size=2)
+    >>> ops.convert_to_numpy(mask)[0].astype(int).tolist()
+    [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
     """
     query_positions = ops.arange(query_length, dtype="int32") + ops.cast(
         start_index, "int32"
     )
     key_positions = ops.arange(key_length, dtype="int32")
-    mask = ops.expand_dims(query_positions, 1) >= ops.expand_dims(
+    distance = ops.expand_dims(query_positions, 1) - ops.expand_dims(
         key_positions, 0
     )
+    mask = distance >= 0
+    if sliding_window is not None:
+        mask = ops.logical_and(mask, distance < sliding_window)
+    if chunk_size is not None:
+        same_chunk = ops.expand_dims(query_positions // chunk_size, 1) == (
+            ops.expand_dims(key_positions // chunk_size, 0)
+        )
+        mask = ops.logical_and(mask, same_chunk)
     mask = ops.expand_dims(mask, 0)
     if padding_mask is not None:
         padding_mask = ops.cast(padding_mask, "bool")
@@ -41,19 +74,41 @@ def attention_mask(query_length, key_length, start_index=0, padding_mask=None):
     return mask
 
 
-def masked_softmax(scores, mask):
+def masked_softmax(scores, mask, sinks=None):
     """Softmax over the last axis in float32, masked keys get zero weight.
+
+    With `sinks` (GPT-OSS's attention sinks), each row's denominator also
+    holds `exp(sink)`: a learned logit of a key that has no value, so the
+    probabilities of a row sum to less than one.
 
     Args:
         scores: `[batch, ..., queries, keys]` attention logits, float32.
         mask: bool `[batch or 1, queries, keys]`; broadcast over the axes
             between batch and queries.
+        sinks: optional logits broadcastable to `scores[..., :1]` (one per
+            head: `[..., 1, 1]` after the head axes).
 
     Returns:
         float32 probabilities of the shape of `scores`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras import ops
+    >>> scores = np.zeros((1, 1, 2), "float32")
+    >>> mask = np.ones((1, 1, 2), bool)
+    >>> probs = masked_softmax(scores, mask, sinks=np.zeros((1, 1, 1), "float32"))
+    >>> [round(float(p), 4) for p in ops.convert_to_numpy(probs)[0, 0]]
+    [0.3333, 0.3333]
     """
     scores = ops.cast(scores, "float32")
     for _ in range(len(scores.shape) - 3):
         mask = ops.expand_dims(mask, 1)
     scores = ops.where(mask, scores, _MASKED_SCORE)
-    return ops.softmax(scores, axis=-1)
+    if sinks is None:
+        return ops.softmax(scores, axis=-1)
+    sinks = ops.broadcast_to(
+        ops.cast(sinks, "float32"), ops.shape(scores)[:-1] + (1,)
+    )
+    probs = ops.softmax(ops.concatenate([scores, sinks], axis=-1), axis=-1)
+    return probs[..., :-1]

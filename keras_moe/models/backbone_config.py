@@ -10,12 +10,28 @@ import inspect
 
 import keras
 
+from keras_moe.models.layer_normalization import NORM_TYPES
+from keras_moe.models.rope_scaling import normalize_gqa_rope_scaling
 from keras_moe.models.yarn import normalize_rope_scaling
 from keras_moe.utils.argument_validation import check_bool
+from keras_moe.utils.argument_validation import check_choice
 from keras_moe.utils.argument_validation import check_float
 from keras_moe.utils.argument_validation import check_int
 
 ATTENTION_TYPES = ("gqa", "mla")
+# The entries of `attention_layer_types`, named as transformers'
+# `layer_types`: a layer that sees the whole prefix, the last
+# `sliding_window` positions, or its own chunk of `attention_chunk_size`
+# positions (Llama 4).
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+# Llama 4's attention options (GQA only), with their defaults.
+LLAMA4_ATTENTION_DEFAULTS = {
+    "attention_chunk_size": None,
+    "nope_layers": None,
+    "use_qk_l2_norm": False,
+    "attention_temperature_floor_scale": None,
+    "attention_temperature_scale": 0.1,
+}
 MLA_ARGUMENTS = (
     "q_lora_rank",
     "kv_lora_rank",
@@ -49,6 +65,18 @@ CONFIG_KEYS = (
     "attention_type",
     "attention_bias",
     "use_qk_norm",
+    "qk_norm_per_head",
+    "clip_qkv",
+    "partial_rotary_factor",
+    "sliding_window",
+    "attention_layer_types",
+    "attention_sinks",
+    "attention_output_bias",
+    "attention_chunk_size",
+    "nope_layers",
+    "use_qk_l2_norm",
+    "attention_temperature_floor_scale",
+    "attention_temperature_scale",
     "q_lora_rank",
     "kv_lora_rank",
     "qk_nope_head_dim",
@@ -69,10 +97,15 @@ CONFIG_KEYS = (
     "moe_layers",
     "ffn_activation",
     "ffn_gated",
+    "swiglu_alpha",
+    "swiglu_limit",
     "moe_options",
     "layer_norm_epsilon",
+    "norm_type",
     "tie_word_embeddings",
     "dropout",
+    "num_mtp_layers",
+    "mtp_loss_weight",
 )
 
 
@@ -199,6 +232,7 @@ def validated_config(**config):
         )
     c["attention_bias"] = check_bool("attention_bias", c["attention_bias"])
     c["use_qk_norm"] = check_bool("use_qk_norm", c["use_qk_norm"])
+    _check_attention_options(c)
     c["num_key_value_heads"] = _optional_int(
         "num_key_value_heads", c["num_key_value_heads"]
     )
@@ -221,7 +255,11 @@ def validated_config(**config):
             f"Received: ffn_activation={c['ffn_activation']!r}"
         )
     keras.activations.get(c["ffn_activation"])
+    _check_clamped_swiglu(c)
+    _check_llama4_attention(c)
+    _check_sliding_window(c)
     c["moe_options"] = _checked_moe_options(c["moe_options"])
+    c["norm_type"] = check_choice("norm_type", c["norm_type"], NORM_TYPES)
     c["layer_norm_epsilon"] = check_float(
         "layer_norm_epsilon", c["layer_norm_epsilon"], positive=True
     )
@@ -233,6 +271,10 @@ def validated_config(**config):
         raise ValueError(
             f"`dropout` must be in [0, 1). Received: dropout={c['dropout']}"
         )
+    c["num_mtp_layers"] = check_int(
+        "num_mtp_layers", c["num_mtp_layers"], min_value=0
+    )
+    c["mtp_loss_weight"] = check_float("mtp_loss_weight", c["mtp_loss_weight"])
     return c
 
 
@@ -386,14 +428,16 @@ def _checked_moe_layers(c):
 
 def _check_gqa(c):
     given = [name for name in MLA_ARGUMENTS if c[name] is not None]
-    for name in ("rope_interleave", "rope_scaling"):
-        if c[name] is not None:
-            given.append(name)
+    if c["rope_interleave"] is not None:
+        given.append("rope_interleave")
     if given:
         raise ValueError(
             f"{given} only apply to `attention_type='mla'`. "
             "Received: attention_type='gqa'"
         )
+    # YaRN (GPT-OSS) or llama3 (Llama 4); the layers always use rotate-half
+    # RoPE.
+    c["rope_scaling"] = normalize_gqa_rope_scaling(c["rope_scaling"])
     num_heads, num_kv_heads = c["num_query_heads"], c["num_key_value_heads"]
     if num_kv_heads is not None and num_heads % num_kv_heads:
         raise ValueError(
@@ -414,6 +458,208 @@ def _check_gqa(c):
             f"The head width must be even for RoPE; got {head_dim} "
             f"(hidden_dim={c['hidden_dim']}, num_query_heads={num_heads}). "
             f"Received: head_dim={c['head_dim']}"
+        )
+    rotary_dim = int(head_dim * c["partial_rotary_factor"])
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(
+            "`partial_rotary_factor` must leave an even number of rotated "
+            f"features per head; int({head_dim} * "
+            f"{c['partial_rotary_factor']}) = {rotary_dim}. "
+            f"Received: partial_rotary_factor={c['partial_rotary_factor']}"
+        )
+
+
+def attention_layer_types(config):
+    """The attention type of each layer of a (checked) backbone config.
+
+    Args:
+        config: a dict of `MoEBackbone` arguments, as `validated_config`
+            returns.
+
+    Returns:
+        A list of `num_layers` entries of `ATTENTION_LAYER_TYPES`: the
+        config's `attention_layer_types`, or else every layer
+        `"sliding_attention"` with a `sliding_window`; with an
+        `attention_chunk_size`, `"chunked_attention"` on the layers with
+        RoPE and `"full_attention"` on the `nope_layers` (Llama 4's
+        default); `"full_attention"` otherwise.
+
+    Example:
+
+    >>> attention_layer_types({"num_layers": 2, "sliding_window": 4,
+    ...     "attention_layer_types": None})
+    ['sliding_attention', 'sliding_attention']
+    """
+    if config.get("attention_layer_types") is not None:
+        return list(config["attention_layer_types"])
+    if config.get("attention_chunk_size") and not config.get("sliding_window"):
+        nope = set(config.get("nope_layers") or ())
+        return [
+            "full_attention" if i in nope else "chunked_attention"
+            for i in range(config["num_layers"])
+        ]
+    kind = "sliding_attention" if config.get("sliding_window") else "full_attention"
+    return [kind] * config["num_layers"]
+
+
+def _check_sliding_window(c):
+    if c["sliding_window"] is not None:
+        c["sliding_window"] = check_int(
+            "sliding_window", c["sliding_window"], min_value=1
+        )
+    layer_types = c["attention_layer_types"]
+    if layer_types is not None:
+        if (
+            isinstance(layer_types, (list, tuple))
+            and layer_types
+            and c["num_layers"] % len(layer_types) == 0
+        ):
+            # A shorter pattern repeats: ["sliding_attention",
+            # "full_attention"] alternates over any even number of layers.
+            layer_types = list(layer_types) * (c["num_layers"] // len(layer_types))
+        if (
+            not isinstance(layer_types, (list, tuple))
+            or len(layer_types) != c["num_layers"]
+            or not all(kind in ATTENTION_LAYER_TYPES for kind in layer_types)
+        ):
+            raise ValueError(
+                "`attention_layer_types` must be None or a list of "
+                f"num_layers={c['num_layers']} entries (or a shorter pattern "
+                "whose length divides num_layers, repeated), each one of "
+                f"{ATTENTION_LAYER_TYPES}. "
+                f"Received: attention_layer_types={layer_types!r}"
+            )
+        if "sliding_attention" in layer_types and c["sliding_window"] is None:
+            raise ValueError(
+                "`attention_layer_types` has 'sliding_attention' layers, which "
+                "need a `sliding_window` (the number of positions they see). "
+                "Received: sliding_window=None"
+            )
+        if "chunked_attention" in layer_types and c["attention_chunk_size"] is None:
+            raise ValueError(
+                "`attention_layer_types` has 'chunked_attention' layers, which "
+                "need an `attention_chunk_size` (the length of their chunks). "
+                "Received: attention_chunk_size=None"
+            )
+        c["attention_layer_types"] = list(layer_types)
+    elif c["sliding_window"] is not None and c["attention_chunk_size"] is not None:
+        raise ValueError(
+            "With both `sliding_window` and `attention_chunk_size`, "
+            "`attention_layer_types` must say which layers slide and which "
+            "are chunked. Received: attention_layer_types=None"
+        )
+    c["attention_sinks"] = check_bool("attention_sinks", c["attention_sinks"])
+    c["attention_output_bias"] = check_bool(
+        "attention_output_bias", c["attention_output_bias"]
+    )
+    changed = [
+        name
+        for name in (
+            "sliding_window",
+            "attention_layer_types",
+            "attention_sinks",
+            "attention_output_bias",
+        )
+        if c[name] not in (None, False)
+    ]
+    if changed and c["attention_type"] != "gqa":
+        raise ValueError(
+            f"{changed} only apply to `attention_type='gqa'`. "
+            f"Received: attention_type={c['attention_type']!r}"
+        )
+
+
+def _check_llama4_attention(c):
+    """Chunked attention, NoPE layers, weightless q/k norm, temperature."""
+    if c["attention_chunk_size"] is not None:
+        c["attention_chunk_size"] = check_int(
+            "attention_chunk_size", c["attention_chunk_size"], min_value=1
+        )
+    nope_layers = c["nope_layers"]
+    if nope_layers is not None:
+        num_layers = c["num_layers"]
+        if not isinstance(nope_layers, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers
+            for i in nope_layers
+        ):
+            raise ValueError(
+                "`nope_layers` must be None or a list of layer indices in "
+                f"[0, num_layers={num_layers}). "
+                f"Received: nope_layers={nope_layers!r}"
+            )
+        c["nope_layers"] = sorted(set(nope_layers))
+    c["use_qk_l2_norm"] = check_bool("use_qk_l2_norm", c["use_qk_l2_norm"])
+    if c["attention_temperature_floor_scale"] is not None:
+        c["attention_temperature_floor_scale"] = check_int(
+            "attention_temperature_floor_scale",
+            c["attention_temperature_floor_scale"],
+            min_value=1,
+        )
+    c["attention_temperature_scale"] = check_float(
+        "attention_temperature_scale", c["attention_temperature_scale"]
+    )
+    changed = [
+        name
+        for name, default in LLAMA4_ATTENTION_DEFAULTS.items()
+        if c[name] != default
+    ]
+    if changed and c["attention_type"] != "gqa":
+        raise ValueError(
+            f"{changed} only apply to `attention_type='gqa'`. "
+            f"Received: attention_type={c['attention_type']!r}"
+        )
+
+
+def _check_clamped_swiglu(c):
+    given = {
+        name: c[name]
+        for name in ("swiglu_alpha", "swiglu_limit")
+        if c[name] is not None
+    }
+    if not given:
+        return
+    if len(given) != 2:
+        raise ValueError(
+            "`swiglu_alpha` and `swiglu_limit` (GPT-OSS's clamped SwiGLU) go "
+            f"together. Received: swiglu_alpha={c['swiglu_alpha']}, "
+            f"swiglu_limit={c['swiglu_limit']}"
+        )
+    for name in given:
+        c[name] = check_float(name, c[name], positive=True)
+    if c["ffn_activation"] != "silu" or not c["ffn_gated"]:
+        raise ValueError(
+            "The clamped SwiGLU (`swiglu_alpha`, `swiglu_limit`) needs "
+            "`ffn_activation='silu'` and `ffn_gated=True`. Received: "
+            f"ffn_activation={c['ffn_activation']!r}, ffn_gated={c['ffn_gated']}"
+        )
+
+
+def _check_attention_options(c):
+    """q/k norm scope, q/k/v clipping and partial RoPE (GQA options)."""
+    c["qk_norm_per_head"] = check_bool("qk_norm_per_head", c["qk_norm_per_head"])
+    if c["clip_qkv"] is not None:
+        c["clip_qkv"] = check_float("clip_qkv", c["clip_qkv"], positive=True)
+    c["partial_rotary_factor"] = check_float(
+        "partial_rotary_factor", c["partial_rotary_factor"], positive=True
+    )
+    if c["partial_rotary_factor"] > 1:
+        raise ValueError(
+            "`partial_rotary_factor` must be in (0, 1]. "
+            f"Received: partial_rotary_factor={c['partial_rotary_factor']}"
+        )
+    changed = [
+        name
+        for name, default in (
+            ("qk_norm_per_head", True),
+            ("clip_qkv", None),
+            ("partial_rotary_factor", 1.0),
+        )
+        if c[name] != default
+    ]
+    if changed and c["attention_type"] != "gqa":
+        raise ValueError(
+            f"{changed} only apply to `attention_type='gqa'`. "
+            f"Received: attention_type={c['attention_type']!r}"
         )
 
 

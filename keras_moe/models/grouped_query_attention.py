@@ -7,6 +7,9 @@ from keras_hub.layers import RotaryEmbedding
 from keras_moe.models.attention_masks import attention_mask
 from keras_moe.models.attention_masks import masked_softmax
 from keras_moe.models.rms_normalization import RMSNormalization
+from keras_moe.models.rope_scaling import normalize_gqa_rope_scaling
+from keras_moe.models.rope_scaling import rope_parameters
+from keras_moe.models.yarn import apply_rotary
 from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_float
 from keras_moe.utils.argument_validation import check_int
@@ -29,10 +32,40 @@ class GroupedQueryAttention(keras.layers.Layer):
     Weights (`d` = hidden size, `H` query heads, `K` key/value heads,
     `h` = `head_dim`):
     - `query/kernel [d, H, h]`, `key/kernel [d, K, h]`, `value/kernel [d, K, h]`
-    - `attention_output/kernel [H, h, d]` (never a bias)
+    - `attention_output/kernel [H, h, d]`, and with `use_output_bias`
+      `attention_output/bias [d]` (GPT-OSS)
     - with `use_bias`: `query/bias [H, h]`, `key/bias [K, h]`, `value/bias [K, h]`
     - with `use_qk_norm`: `query_norm/scale [h]`, `key_norm/scale [h]`, an
-      RMS normalization of each query and key head before RoPE (Qwen3).
+      RMS normalization of each query and key head before RoPE (Qwen3,
+      GLM-4.5); with `qk_norm_per_head=False` one RMS normalization over
+      the whole query and key projections instead, `query_norm/scale
+      [H * h]` and `key_norm/scale [K * h]` (OLMoE).
+
+    `clip_qkv` clamps the queries, keys and values to `[-clip_qkv,
+    clip_qkv]` after the projections (and the q/k norm), before RoPE (DBRX,
+    OLMoE). `partial_rotary_factor < 1` rotates only the first
+    `int(h * partial_rotary_factor)` features of each head (rotate-half
+    within them) and passes the rest through (GLM-4.5).
+
+    `sliding_window=w` lets each query see only the `w` most recent
+    positions, its own included (Mistral, Qwen, GPT-OSS's sliding layers),
+    in the full forward pass and in cached decoding alike. `use_sinks`
+    adds GPT-OSS's attention sinks, `sinks [H]`: one learned logit per
+    query head in the softmax denominator, a key without value. A YaRN
+    `rope_scaling` (GPT-OSS) replaces plain RoPE with YaRN's frequencies and
+    cos/sin scale (see `keras_moe.models.yarn`); a llama3 `rope_scaling`
+    (Llama 4 Scout) rescales the frequencies only (see
+    `keras_moe.models.rope_scaling`).
+
+    Llama 4 options: `attention_chunk_size=c` cuts positions into chunks of
+    `c` tokens and lets each query see only its own chunk (transformers'
+    `chunked_attention`). `use_rope=False` makes a NoPE layer, without
+    position embedding. `use_qk_l2_norm` divides each query and key head by
+    its root mean square, without a learned scale, after RoPE (transformers'
+    `Llama4TextL2Norm`). With `temperature_floor_scale=f` the query at
+    absolute position `p` is multiplied by `1 + temperature_scale *
+    log(1 + floor((p + 1) / f))` (attention temperature tuning, Nakanishi
+    2025), so long contexts keep sharp attention.
 
     For generation the layer keeps a key/value cache in the keras-hub layout
     `[batch, 2, max_length, K, h]` (keys after RoPE, then values).
@@ -46,6 +79,31 @@ class GroupedQueryAttention(keras.layers.Layer):
         rope_max_wavelength: float, the RoPE base. Defaults to 10000.
         use_bias: bool, biases on the query, key and value projections.
         use_qk_norm: bool, RMS-normalize queries and keys per head.
+        qk_norm_per_head: bool, with `use_qk_norm`: normalize each head
+            (True, the default) or the whole projection (False, OLMoE).
+        clip_qkv: positive float or None, clamp q, k and v to
+            `[-clip_qkv, clip_qkv]`. None (the default) clamps nothing.
+        partial_rotary_factor: float in `(0, 1]`, the fraction of each
+            head's features that RoPE rotates. Defaults to 1.
+        sliding_window: int >= 1 or None, the number of most recent
+            positions (the query's own included) each query sees. None (the
+            default) sees the whole prefix.
+        use_sinks: bool, a learned sink logit per query head (GPT-OSS).
+        use_output_bias: bool, a bias on the output projection (GPT-OSS).
+        rope_scaling: None (plain RoPE), a YaRN dict (`rope_type`
+            `"yarn"`, `factor`, `original_max_position_embeddings`, ...) or
+            a llama3 dict (`rope_type` `"llama3"`, `factor`,
+            `low_freq_factor`, `high_freq_factor`,
+            `original_max_position_embeddings`).
+        attention_chunk_size: int >= 1 or None, the length of the chunks
+            each query is confined to. None (the default): no chunks.
+        use_rope: bool, rotate queries and keys with RoPE (the default);
+            False makes a NoPE layer.
+        use_qk_l2_norm: bool, RMS-normalize each query and key head without
+            a weight, after RoPE (Llama 4).
+        temperature_floor_scale: int >= 1 or None, turns on attention
+            temperature tuning with this floor scale (Llama 4: 8192).
+        temperature_scale: float >= 0, the strength of temperature tuning.
         layer_norm_epsilon: float, the epsilon of the q/k normalization.
         dropout: float in `[0, 1)`, dropout on the attention probabilities.
         kernel_initializer: initializer of the projection kernels.
@@ -89,6 +147,18 @@ class GroupedQueryAttention(keras.layers.Layer):
         dropout=0.0,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
+        qk_norm_per_head=True,
+        clip_qkv=None,
+        partial_rotary_factor=1.0,
+        sliding_window=None,
+        use_sinks=False,
+        use_output_bias=False,
+        rope_scaling=None,
+        attention_chunk_size=None,
+        use_rope=True,
+        use_qk_l2_norm=False,
+        temperature_floor_scale=None,
+        temperature_scale=0.1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -119,6 +189,39 @@ class GroupedQueryAttention(keras.layers.Layer):
         )
         self.use_bias = check_bool("use_bias", use_bias)
         self.use_qk_norm = check_bool("use_qk_norm", use_qk_norm)
+        self.qk_norm_per_head = check_bool("qk_norm_per_head", qk_norm_per_head)
+        self.clip_qkv = None
+        if clip_qkv is not None:
+            self.clip_qkv = check_float("clip_qkv", clip_qkv, positive=True)
+        self.partial_rotary_factor = check_float(
+            "partial_rotary_factor", partial_rotary_factor, positive=True
+        )
+        if self.partial_rotary_factor > 1:
+            raise ValueError(
+                "`partial_rotary_factor` must be in (0, 1]. "
+                f"Received: partial_rotary_factor={partial_rotary_factor}"
+            )
+        self.sliding_window = None
+        if sliding_window is not None:
+            self.sliding_window = check_int(
+                "sliding_window", sliding_window, min_value=1
+            )
+        self.use_sinks = check_bool("use_sinks", use_sinks)
+        self.use_output_bias = check_bool("use_output_bias", use_output_bias)
+        self.rope_scaling = normalize_gqa_rope_scaling(rope_scaling)
+        self.attention_chunk_size = None
+        if attention_chunk_size is not None:
+            self.attention_chunk_size = check_int(
+                "attention_chunk_size", attention_chunk_size, min_value=1
+            )
+        self.use_rope = check_bool("use_rope", use_rope)
+        self.use_qk_l2_norm = check_bool("use_qk_l2_norm", use_qk_l2_norm)
+        self.temperature_floor_scale = None
+        if temperature_floor_scale is not None:
+            self.temperature_floor_scale = check_int(
+                "temperature_floor_scale", temperature_floor_scale, min_value=1
+            )
+        self.temperature_scale = check_float("temperature_scale", temperature_scale)
         self.layer_norm_epsilon = check_float(
             "layer_norm_epsilon", layer_norm_epsilon, positive=True
         )
@@ -185,7 +288,10 @@ class GroupedQueryAttention(keras.layers.Layer):
             "value",
         )
         self.output_dense = self._dense(
-            "bsnh,nhd->bsd", (None, self.hidden_dim), None, "attention_output"
+            "bsnh,nhd->bsd",
+            (None, self.hidden_dim),
+            "d" if self.use_output_bias else None,
+            "attention_output",
         )
         for layer in (self.query_dense, self.key_dense, self.value_dense):
             layer.build(input_shape)
@@ -197,8 +303,35 @@ class GroupedQueryAttention(keras.layers.Layer):
             self.key_norm = RMSNormalization(
                 self.layer_norm_epsilon, dtype=self.dtype_policy, name="key_norm"
             )
-            self.query_norm.build((None, None, num_heads, self._head_dim))
-            self.key_norm.build((None, None, num_kv_heads, self._head_dim))
+            if self.qk_norm_per_head:
+                self.query_norm.build((None, None, num_heads, self._head_dim))
+                self.key_norm.build((None, None, num_kv_heads, self._head_dim))
+            else:
+                self.query_norm.build((None, None, num_heads * self._head_dim))
+                self.key_norm.build((None, None, num_kv_heads * self._head_dim))
+        self._rotary_dim = int(self._head_dim * self.partial_rotary_factor)
+        if self._rotary_dim < 2 or self._rotary_dim % 2:
+            raise ValueError(
+                "`partial_rotary_factor` must leave an even number of rotated "
+                f"features per head; int({self._head_dim} * "
+                f"{self.partial_rotary_factor}) = {self._rotary_dim}. "
+                f"Received: partial_rotary_factor={self.partial_rotary_factor}"
+            )
+        if self.use_sinks:
+            self.sinks = self.add_weight(
+                name="sinks",
+                shape=(num_heads,),
+                initializer=keras.initializers.RandomNormal(stddev=0.02),
+            )
+        self._softmax_scale_factor = 1.0
+        if self.rope_scaling is not None:
+            (
+                self._yarn_inverse_frequencies,
+                self._yarn_attention_factor,
+                self._softmax_scale_factor,
+            ) = rope_parameters(
+                self.rope_scaling, self._rotary_dim, self.rope_max_wavelength
+            )
         self.rotary_embedding = RotaryEmbedding(
             max_wavelength=self.rope_max_wavelength,
             dtype=self.dtype_policy,
@@ -214,12 +347,70 @@ class GroupedQueryAttention(keras.layers.Layer):
         """The shape of this layer's cache for one sequence, without batch."""
         return (2, max_length, self._num_kv_heads, self._head_dim)
 
+    def _normalized(self, heads, norm):
+        """q/k norm of `[b, s, heads, h]`, per head or over all heads."""
+        if self.qk_norm_per_head:
+            return norm(heads)
+        length, num_heads = ops.shape(heads)[1], heads.shape[2]
+        flat = ops.reshape(heads, (-1, length, num_heads * self._head_dim))
+        return ops.reshape(norm(flat), (-1, length, num_heads, self._head_dim))
+
+    def _clipped(self, states):
+        if self.clip_qkv is None:
+            return states
+        return ops.clip(states, -self.clip_qkv, self.clip_qkv)
+
+    def _rope(self, heads, start_index):
+        if self.rope_scaling is not None:
+            return apply_rotary(
+                heads,
+                self._yarn_inverse_frequencies,
+                self._yarn_attention_factor,
+                start_index,
+            )
+        return self.rotary_embedding(heads, start_index=start_index)
+
+    def _l2_normalized(self, heads):
+        """Llama 4's weightless RMS norm of each head, in float32."""
+        if not self.use_qk_l2_norm:
+            return heads
+        values = ops.cast(heads, "float32")
+        values = values * ops.rsqrt(
+            ops.mean(ops.square(values), axis=-1, keepdims=True)
+            + self.layer_norm_epsilon
+        )
+        return ops.cast(values, heads.dtype)
+
+    def _temperature_tuned(self, query, start_index):
+        """Queries times `1 + scale * log1p(floor((p + 1) / floor_scale))`."""
+        if self.temperature_floor_scale is None:
+            return query
+        positions = ops.arange(ops.shape(query)[1], dtype="float32") + ops.cast(
+            start_index, "float32"
+        )
+        scales = (
+            ops.log1p(ops.floor((positions + 1.0) / self.temperature_floor_scale))
+            * self.temperature_scale
+            + 1.0
+        )
+        return query * ops.cast(ops.reshape(scales, (1, -1, 1, 1)), query.dtype)
+
+    def _rotated(self, heads, start_index):
+        """RoPE on the first `_rotary_dim` features of each head."""
+        if not self.use_rope:
+            return heads
+        if self._rotary_dim == self._head_dim:
+            return self._rope(heads, start_index)
+        rotated = self._rope(heads[..., : self._rotary_dim], start_index)
+        return ops.concatenate([rotated, heads[..., self._rotary_dim :]], axis=-1)
+
     def _keys_and_values(self, hidden_states, start_index):
         key = self.key_dense(hidden_states)
         if self.use_qk_norm:
-            key = self.key_norm(key)
-        key = self.rotary_embedding(key, start_index=start_index)
-        return key, self.value_dense(hidden_states)
+            key = self._normalized(key, self.key_norm)
+        key = self._rotated(self._clipped(key), start_index)
+        key = self._l2_normalized(key)
+        return key, self._clipped(self.value_dense(hidden_states))
 
     def call(
         self,
@@ -237,8 +428,10 @@ class GroupedQueryAttention(keras.layers.Layer):
         start_index = 0 if cache_update_index is None else cache_update_index
         query = self.query_dense(hidden_states)
         if self.use_qk_norm:
-            query = self.query_norm(query)
-        query = self.rotary_embedding(query, start_index=start_index)
+            query = self._normalized(query, self.query_norm)
+        query = self._rotated(self._clipped(query), start_index)
+        query = self._l2_normalized(query)
+        query = self._temperature_tuned(query, start_index)
 
         if cache is None:
             key, value = self._keys_and_values(hidden_states, start_index)
@@ -264,11 +457,25 @@ class GroupedQueryAttention(keras.layers.Layer):
             (-1, query_shape[1], self._num_kv_heads, groups, self._head_dim),
         )
         scores = ops.einsum("bqkgh,bskh->bkgqs", query, key)
-        scores = ops.cast(scores, "float32") * (1.0 / math.sqrt(self._head_dim))
-        mask = attention_mask(
-            ops.shape(query)[1], ops.shape(key)[1], start_index, padding_mask
+        scores = ops.cast(scores, "float32") * (
+            self._softmax_scale_factor / math.sqrt(self._head_dim)
         )
-        probs = ops.cast(masked_softmax(scores, mask), self.compute_dtype)
+        mask = attention_mask(
+            ops.shape(query)[1],
+            ops.shape(key)[1],
+            start_index,
+            padding_mask,
+            sliding_window=self.sliding_window,
+            chunk_size=self.attention_chunk_size,
+        )
+        sinks = None
+        if self.use_sinks:
+            # [H] -> [1, K, H // K, 1, 1], the head axes of `scores`.
+            sinks = ops.reshape(
+                ops.cast(self.sinks, "float32"),
+                (1, self._num_kv_heads, groups, 1, 1),
+            )
+        probs = ops.cast(masked_softmax(scores, mask, sinks), self.compute_dtype)
         if self.dropout_layer is not None:
             probs = self.dropout_layer(probs, training=training)
         outputs = ops.einsum("bkgqs,bskh->bqkgh", probs, value)
@@ -294,6 +501,20 @@ class GroupedQueryAttention(keras.layers.Layer):
                 "rope_max_wavelength": self.rope_max_wavelength,
                 "use_bias": self.use_bias,
                 "use_qk_norm": self.use_qk_norm,
+                "qk_norm_per_head": self.qk_norm_per_head,
+                "clip_qkv": self.clip_qkv,
+                "partial_rotary_factor": self.partial_rotary_factor,
+                "sliding_window": self.sliding_window,
+                "use_sinks": self.use_sinks,
+                "use_output_bias": self.use_output_bias,
+                "rope_scaling": (
+                    None if self.rope_scaling is None else dict(self.rope_scaling)
+                ),
+                "attention_chunk_size": self.attention_chunk_size,
+                "use_rope": self.use_rope,
+                "use_qk_l2_norm": self.use_qk_l2_norm,
+                "temperature_floor_scale": self.temperature_floor_scale,
+                "temperature_scale": self.temperature_scale,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "dropout": self.dropout,
                 "kernel_initializer": keras.initializers.serialize(

@@ -1,7 +1,7 @@
 """`MoEBackbone`: a decoder-only Mixture-of-Experts transformer.
 
-One configuration covers Mixtral, Qwen-MoE / Qwen3-MoE, OLMoE, DBRX-style
-and DeepSeek-V2/V3-style decoders. The weights it holds follow from the
+One configuration covers Mixtral, Qwen-MoE / Qwen3-MoE, OLMoE, DBRX-style,
+Llama 4 and DeepSeek-V2/V3-style decoders. The weights it holds follow from the
 configuration alone: `keras_moe.models.weight_structure.backbone_weights`
 lists them (variable paths and shapes), and `count_params()` equals their
 sum.
@@ -24,16 +24,21 @@ from keras_hub.models import Backbone
 from keras_moe.layers import FeedForward
 from keras_moe.layers import SharedExpertMoE
 from keras_moe.layers import SparseMoE
+from keras_moe.layers.clamped_swiglu import ClampedSwiGLU
 from keras_moe.layers.feed_forward_weights import QUANTIZATION_MODES
 from keras_moe.layers.feed_forward_weights import FeedForwardWeights
 from keras_moe.layers.feed_forward_weights import unsupported_mode_error
 from keras_moe.models.backbone_config import CONFIG_KEYS
+from keras_moe.models.backbone_config import attention_layer_types
 from keras_moe.models.backbone_config import config_moe_layer_flags
 from keras_moe.models.backbone_config import validated_config
 from keras_moe.models.grouped_query_attention import GroupedQueryAttention
+from keras_moe.models.layer_normalization import make_normalization
 from keras_moe.models.lora_state import LoRAState
 from keras_moe.models.lora_state import lora_variables
 from keras_moe.models.moe_decoder_block import MoEDecoderBlock
+from keras_moe.models.multi_token_prediction import MultiTokenPrediction
+from keras_moe.models.multi_token_prediction import MultiTokenPredictionBlock
 from keras_moe.models.multi_head_latent_attention import (
     MultiHeadLatentAttention,
 )
@@ -124,8 +129,45 @@ class MoEBackbone(Backbone):
             never on the output projection. GQA only.
         use_qk_norm: bool, RMSNorm over `head_dim` on each query and key
             head before RoPE (Qwen3), one `[head_dim]` scale each. GQA only.
-            (OLMoE checkpoints normalize the whole query and key
-            projections instead, with `[H * h]` and `[K * h]` scales.)
+        qk_norm_per_head: bool, with `use_qk_norm`: True (the default)
+            normalizes each head; False normalizes the whole query and key
+            projections, with `[H * h]` and `[K * h]` scales (OLMoE). GQA
+            only.
+        clip_qkv: positive float or `None`: clamp queries, keys and values
+            to `[-clip_qkv, clip_qkv]` after their projections (DBRX,
+            OLMoE). GQA only.
+        partial_rotary_factor: float in `(0, 1]`, the fraction of each
+            head's features RoPE rotates, the first ones (GLM-4.5: 0.5).
+            GQA only.
+        sliding_window: int or `None`: the number of most recent positions
+            (its own included) a query of a sliding-window layer sees
+            (Mistral, Qwen, GPT-OSS). GQA only.
+        attention_layer_types: `None` or a list of `num_layers` entries,
+            `"sliding_attention"` (a layer with the `sliding_window`) or
+            `"full_attention"`, as transformers' `layer_types` (GPT-OSS
+            alternates them); a shorter list whose length divides
+            `num_layers` is a pattern, repeated over the layers. `None`: every layer slides when
+            `sliding_window` is set. GQA only.
+        attention_sinks: bool, a learned sink logit per query head in each
+            attention softmax (GPT-OSS). GQA only.
+        attention_output_bias: bool, a bias on the attention output
+            projection (GPT-OSS). GQA only.
+        attention_chunk_size: int or `None`: the length of the chunks a
+            query of a `"chunked_attention"` layer is confined to (Llama
+            4). Without `attention_layer_types`, the layers with RoPE are
+            chunked and the `nope_layers` see the whole prefix. GQA only.
+        nope_layers: list of int or `None`: the 0-based indices of the
+            layers without RoPE (Llama 4's NoPE layers). GQA only.
+        use_qk_l2_norm: bool, RMS-normalize each query and key head
+            without a weight, after RoPE, on the layers with RoPE (Llama
+            4). GQA only.
+        attention_temperature_floor_scale: int or `None`: with an int,
+            attention temperature tuning on the `nope_layers`: the query at
+            position `p` is multiplied by `1 + attention_temperature_scale
+            * log(1 + floor((p + 1) / attention_temperature_floor_scale))`
+            (Llama 4: 8192). GQA only.
+        attention_temperature_scale: float >= 0, that tuning's strength
+            (Llama 4: 0.1).
         q_lora_rank: int or `None` (plain query projection). MLA only.
         kv_lora_rank: int, the key/value latent width. MLA only (required).
         qk_nope_head_dim: int, per-head query/key width without RoPE. MLA.
@@ -137,8 +179,8 @@ class MoEBackbone(Backbone):
             always uses rotate-half RoPE and takes only `None`.
         rope_scaling: `None` (plain RoPE) or a YaRN dict as in a
             transformers config (`rope_type` `"yarn"`, `factor`,
-            `original_max_position_embeddings`, ...): DeepSeek checkpoints'
-            long-context RoPE. MLA only.
+            `original_max_position_embeddings`, ...): DeepSeek's and
+            GPT-OSS's long-context RoPE.
         rope_max_wavelength: float, the RoPE base (`rope_theta`).
         intermediate_dim: int, the width of the dense FFN layers (required if
             any layer is dense).
@@ -161,13 +203,31 @@ class MoEBackbone(Backbone):
             keep its defaults (0 and 1). `None` (the default) uses the rule.
         ffn_activation: the activation of the dense FFNs and the experts.
         ffn_gated: bool, GLU (SwiGLU with `"silu"`) FFNs and experts.
+        swiglu_alpha: float or `None`; with `swiglu_limit`, GPT-OSS's
+            clamped SwiGLU (`keras_moe.layers.clamped_swiglu.ClampedSwiGLU`)
+            replaces SwiGLU in the FFNs and experts.
+        swiglu_limit: float or `None`, where that SwiGLU clamps.
         moe_options: dict of extra keyword arguments for the MoE layers
             (`capacity_factor`, `aux_loss_weight`, `score_function`, ...),
             passed through verbatim.
-        layer_norm_epsilon: float, the epsilon of every RMSNorm.
+        layer_norm_epsilon: float, the epsilon of every normalization.
+        norm_type: `"rms"` (RMSNorm, the default) or `"layer"`: LayerNorm
+            without bias (DBRX) for the block and final normalizations (q/k
+            norms stay RMSNorm). Either has one `scale` weight.
         tie_word_embeddings: bool, share the input embedding and the output
             projection.
         dropout: float in `[0, 1)`, residual and attention dropout.
+        num_mtp_layers: int >= 0, DeepSeek-V3's multi-token prediction
+            modules (`keras_moe.models.multi_token_prediction`): module `k`
+            predicts the token `k + 1` positions ahead from the previous
+            depth's representation and the embedding of the token `k`
+            ahead, through one decoder block of the type of the last MoE
+            layer (the last layer without MoE) and the shared embedding and
+            output head. They add their loss in training only; inference
+            and `generate()` use the main model alone. 0 (the default): none.
+        mtp_loss_weight: float >= 0, the weight `lambda` of the
+            multi-token prediction loss, `lambda / D * sum_k L_k` (0.3,
+            then 0.1, in DeepSeek-V3's pre-training).
         dtype: dtype policy of the model.
         **kwargs: `keras_hub.models.Backbone` arguments (`name`, ...), and
             `lora_rank` with `lora_target_layer_names`, which `get_config`
@@ -203,6 +263,18 @@ class MoEBackbone(Backbone):
         attention_type="gqa",
         attention_bias=False,
         use_qk_norm=False,
+        qk_norm_per_head=True,
+        clip_qkv=None,
+        partial_rotary_factor=1.0,
+        sliding_window=None,
+        attention_layer_types=None,
+        attention_sinks=False,
+        attention_output_bias=False,
+        attention_chunk_size=None,
+        nope_layers=None,
+        use_qk_l2_norm=False,
+        attention_temperature_floor_scale=None,
+        attention_temperature_scale=0.1,
         q_lora_rank=None,
         kv_lora_rank=None,
         qk_nope_head_dim=None,
@@ -223,10 +295,15 @@ class MoEBackbone(Backbone):
         moe_layers=None,
         ffn_activation="silu",
         ffn_gated=True,
+        swiglu_alpha=None,
+        swiglu_limit=None,
         moe_options=None,
         layer_norm_epsilon=1e-6,
+        norm_type="rms",
         tie_word_embeddings=False,
         dropout=0.0,
+        num_mtp_layers=0,
+        mtp_loss_weight=0.3,
         dtype=None,
         **kwargs,
     ):
@@ -242,6 +319,18 @@ class MoEBackbone(Backbone):
             attention_type=attention_type,
             attention_bias=attention_bias,
             use_qk_norm=use_qk_norm,
+            qk_norm_per_head=qk_norm_per_head,
+            clip_qkv=clip_qkv,
+            partial_rotary_factor=partial_rotary_factor,
+            sliding_window=sliding_window,
+            attention_layer_types=attention_layer_types,
+            attention_sinks=attention_sinks,
+            attention_output_bias=attention_output_bias,
+            attention_chunk_size=attention_chunk_size,
+            nope_layers=nope_layers,
+            use_qk_l2_norm=use_qk_l2_norm,
+            attention_temperature_floor_scale=attention_temperature_floor_scale,
+            attention_temperature_scale=attention_temperature_scale,
             q_lora_rank=q_lora_rank,
             kv_lora_rank=kv_lora_rank,
             qk_nope_head_dim=qk_nope_head_dim,
@@ -262,10 +351,15 @@ class MoEBackbone(Backbone):
             moe_layers=moe_layers,
             ffn_activation=ffn_activation,
             ffn_gated=ffn_gated,
+            swiglu_alpha=swiglu_alpha,
+            swiglu_limit=swiglu_limit,
             moe_options=moe_options,
             layer_norm_epsilon=layer_norm_epsilon,
+            norm_type=norm_type,
             tie_word_embeddings=tie_word_embeddings,
             dropout=dropout,
+            num_mtp_layers=num_mtp_layers,
+            mtp_loss_weight=mtp_loss_weight,
         )
 
         # === Layers ===
@@ -280,16 +374,23 @@ class MoEBackbone(Backbone):
         self.transformer_layers = []
         for i in range(config["num_layers"]):
             block = MoEDecoderBlock(
-                attention=_make_attention(config, dtype),
+                attention=_make_attention(config, i, dtype),
                 feedforward=_make_feedforward(config, i, dtype),
                 layer_norm_epsilon=config["layer_norm_epsilon"],
                 dropout=config["dropout"],
+                norm_type=config["norm_type"],
                 dtype=dtype,
                 name=f"decoder_block_{i}",
             )
             self.transformer_layers.append(block)
-        self.layer_norm = RMSNormalization(
-            config["layer_norm_epsilon"], dtype=dtype, name="final_norm"
+        self.layer_norm = make_normalization(
+            config["norm_type"],
+            config["layer_norm_epsilon"],
+            dtype=dtype,
+            name="final_norm",
+        )
+        self.multi_token_prediction = _make_multi_token_prediction(
+            config, self.token_embedding, dtype
         )
 
         # === Functional model ===
@@ -303,6 +404,11 @@ class MoEBackbone(Backbone):
         for block in self.transformer_layers:
             x = block(x, padding_mask=padding_mask_input)
         sequence_output = self.layer_norm(x)
+        if self.multi_token_prediction is not None:
+            # Returns `sequence_output`; in training, adds its loss.
+            sequence_output = self.multi_token_prediction(
+                x, sequence_output, token_id_input, padding_mask_input
+            )
         super().__init__(
             inputs={
                 "token_ids": token_id_input,
@@ -340,6 +446,10 @@ class MoEBackbone(Backbone):
             config["moe_layers"] = list(config["moe_layers"])
         if config["rope_scaling"] is not None:
             config["rope_scaling"] = dict(config["rope_scaling"])
+        if config["attention_layer_types"] is not None:
+            config["attention_layer_types"] = list(config["attention_layer_types"])
+        if config["nope_layers"] is not None:
+            config["nope_layers"] = list(config["nope_layers"])
         return config
 
     def load_weights(self, filepath, *args, **kwargs):
@@ -347,6 +457,33 @@ class MoEBackbone(Backbone):
         # weights as they were, instead of half-loaded.
         return load_weights_or_restore(
             self, super().load_weights, filepath, *args, **kwargs
+        )
+
+    def multi_token_logits(self, inputs, training=False):
+        """The multi-token prediction modules' logits (`num_mtp_layers > 0`).
+
+        Args:
+            inputs: dict with `"token_ids"` and `"padding_mask"`
+                `[batch, length]`.
+            training: bool.
+
+        Returns:
+            A list of `num_mtp_layers` float tensors
+            `[batch, length, vocabulary_size]`: position `i` of the `k`-th
+            (1-based) predicts token `i + k + 1`.
+        """
+        if self.multi_token_prediction is None:
+            raise ValueError(
+                "This backbone has no multi-token prediction modules. "
+                f"Received: num_mtp_layers={self.num_mtp_layers}"
+            )
+        token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+        x = self.token_embedding(token_ids)
+        for block in self.transformer_layers:
+            x = block(x, padding_mask=padding_mask, training=training)
+        mtp = self.multi_token_prediction
+        return mtp.logits(
+            mtp.depth_outputs(x, token_ids, padding_mask, training=training)
         )
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
@@ -507,8 +644,13 @@ class MoEBackbone(Backbone):
         ]
 
 
-def _make_attention(c, dtype):
+def _make_attention(c, layer_index, dtype):
     if c["attention_type"] == "gqa":
+        layer_type = attention_layer_types(c)[layer_index]
+        sliding = layer_type == "sliding_attention"
+        chunked = layer_type == "chunked_attention"
+        # Llama 4: q/k norm on the layers with RoPE, temperature on the rest.
+        rope = layer_index not in (c["nope_layers"] or ())
         return GroupedQueryAttention(
             num_query_heads=c["num_query_heads"],
             num_key_value_heads=c["num_key_value_heads"],
@@ -516,6 +658,20 @@ def _make_attention(c, dtype):
             rope_max_wavelength=c["rope_max_wavelength"],
             use_bias=c["attention_bias"],
             use_qk_norm=c["use_qk_norm"],
+            qk_norm_per_head=c["qk_norm_per_head"],
+            clip_qkv=c["clip_qkv"],
+            partial_rotary_factor=c["partial_rotary_factor"],
+            sliding_window=c["sliding_window"] if sliding else None,
+            use_sinks=c["attention_sinks"],
+            use_output_bias=c["attention_output_bias"],
+            rope_scaling=c["rope_scaling"],
+            attention_chunk_size=c["attention_chunk_size"] if chunked else None,
+            use_rope=rope,
+            use_qk_l2_norm=c["use_qk_l2_norm"] and rope,
+            temperature_floor_scale=(
+                None if rope else c["attention_temperature_floor_scale"]
+            ),
+            temperature_scale=c["attention_temperature_scale"],
             layer_norm_epsilon=c["layer_norm_epsilon"],
             dropout=c["dropout"],
             dtype=dtype,
@@ -538,11 +694,17 @@ def _make_attention(c, dtype):
     )
 
 
+def _ffn_activation(c):
+    if c["swiglu_limit"] is not None:
+        return ClampedSwiGLU(alpha=c["swiglu_alpha"], limit=c["swiglu_limit"])
+    return c["ffn_activation"]
+
+
 def _make_feedforward(c, layer_index, dtype):
     if not config_moe_layer_flags(c)[layer_index]:
         return FeedForward(
             c["intermediate_dim"],
-            activation=c["ffn_activation"],
+            activation=_ffn_activation(c),
             gated=c["ffn_gated"],
             dtype=dtype,
             name="feedforward",
@@ -551,7 +713,7 @@ def _make_feedforward(c, layer_index, dtype):
     options["causal"] = True
     common = dict(
         top_k=c["top_k"],
-        activation=c["ffn_activation"],
+        activation=_ffn_activation(c),
         gated=c["ffn_gated"],
         dtype=dtype,
         name="moe",
@@ -566,4 +728,36 @@ def _make_feedforward(c, layer_index, dtype):
         shared_intermediate_dim=c["shared_intermediate_dim"],
         shared_expert_gate=c["shared_expert_gate"],
         **common,
+    )
+
+
+def _make_multi_token_prediction(c, token_embedding, dtype):
+    """DeepSeek-V3's multi-token prediction modules, or None."""
+    if not c["num_mtp_layers"]:
+        return None
+    flags = config_moe_layer_flags(c)
+    # The block type of the main model's (last) MoE layer.
+    template = max(
+        (i for i, is_moe in enumerate(flags) if is_moe), default=len(flags) - 1
+    )
+    blocks = []
+    for k in range(c["num_mtp_layers"]):
+        block = MultiTokenPredictionBlock(
+            attention=_make_attention(c, template, dtype),
+            feedforward=_make_feedforward(c, template, dtype),
+            layer_norm_epsilon=c["layer_norm_epsilon"],
+            dropout=c["dropout"],
+            dtype=dtype,
+            name=f"mtp_block_{k}",
+        )
+        # Built here, outside any other layer, so that its variable paths
+        # start with its own name (as `backbone_weights` lists them).
+        block.build((None, None, c["hidden_dim"]))
+        blocks.append(block)
+    return MultiTokenPrediction(
+        blocks,
+        token_embedding,
+        loss_weight=c["mtp_loss_weight"],
+        dtype=dtype,
+        name="multi_token_prediction",
     )

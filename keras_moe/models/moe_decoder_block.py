@@ -2,7 +2,7 @@ import inspect
 
 import keras
 
-from keras_moe.models.rms_normalization import RMSNormalization
+from keras_moe.models.layer_normalization import make_normalization
 from keras_moe.utils.argument_validation import check_float
 
 
@@ -27,7 +27,9 @@ class MoEDecoderBlock(keras.layers.Layer):
         attention: a `GroupedQueryAttention` or `MultiHeadLatentAttention`
             (any layer with their call signature and `cache_shape()`).
         feedforward: the feed-forward layer, `[..., d] -> [..., d]`.
-        layer_norm_epsilon: float, the epsilon of the two RMS normalizations.
+        layer_norm_epsilon: float, the epsilon of the two normalizations.
+        norm_type: `"rms"` (RMSNorm, the default) or `"layer"` (LayerNorm
+            without bias, DBRX) for the two normalizations.
         dropout: float in `[0, 1)`, dropout on the attention and
             feed-forward outputs before each residual addition.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
@@ -63,6 +65,7 @@ class MoEDecoderBlock(keras.layers.Layer):
         feedforward,
         layer_norm_epsilon=1e-6,
         dropout=0.0,
+        norm_type="rms",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -87,12 +90,15 @@ class MoEDecoderBlock(keras.layers.Layer):
                 f"`dropout` must be in [0, 1). Received: dropout={dropout}"
             )
         self._feedforward_takes_mask = _accepts_mask(feedforward)
-        self.pre_attention_norm = RMSNormalization(
+        self.norm_type = norm_type
+        self.pre_attention_norm = make_normalization(
+            norm_type,
             self.layer_norm_epsilon,
             dtype=self.dtype_policy,
             name="pre_attention_norm",
         )
-        self.pre_feedforward_norm = RMSNormalization(
+        self.pre_feedforward_norm = make_normalization(
+            norm_type,
             self.layer_norm_epsilon,
             dtype=self.dtype_policy,
             name="pre_feedforward_norm",
@@ -168,6 +174,7 @@ class MoEDecoderBlock(keras.layers.Layer):
                     self.feedforward
                 ),
                 "layer_norm_epsilon": self.layer_norm_epsilon,
+                "norm_type": self.norm_type,
                 "dropout": self.dropout,
             }
         )

@@ -8,8 +8,9 @@ check it against built models. Its example prints the listing of a small
 config; the helpers below it read as the list of what each option adds
 (q/k/v biases, q/k norm, MLA's low-rank projections, dense or MoE
 feed-forward, router noise and balancing bias, expert biases, shared
-experts and their gate). There are no other weights: RoPE has none, and
-there is no extra head.
+experts and their gate), then any multi-token prediction modules (their
+norms, `eh_proj` and decoder block, numbered after the main model's). There
+are no other weights: RoPE has none, and there is no extra head.
 """
 
 import math
@@ -27,6 +28,8 @@ ROUTER = "router"
 EXPERTS = "experts"
 SHARED_EXPERTS = "shared_experts"
 HEAD = "head"
+# A multi-token prediction module's own weights (its norms and `eh_proj`).
+MULTI_TOKEN_PREDICTION = "multi_token_prediction"
 
 
 class BackboneWeight(NamedTuple):
@@ -38,10 +41,13 @@ class BackboneWeight(NamedTuple):
         shape: tuple of ints.
         part: what it belongs to: `"embedding"`, `"attention"`, `"norm"`,
             `"feedforward"` (a dense layer), `"router"`, `"experts"` (the
-            routed experts, stacked on axis 0), `"shared_experts"` or
-            `"head"`.
-        kind: `"table"` (an embedding table), `"kernel"`, `"bias"`,
-            `"scale"` (a norm scale) or `"state"` (a non-trainable buffer).
+            routed experts, stacked on axis 0), `"shared_experts"`,
+            `"head"` or `"multi_token_prediction"` (a multi-token prediction
+            module's norms and `eh_proj`; its decoder block's weights have
+            the parts above).
+        kind: `"table"` (an embedding table), `"kernel"`, `"bias"` (also
+            the per-head attention sink logits), `"scale"` (a norm scale)
+            or `"state"` (a non-trainable buffer).
         layer: int, the decoder block index, or None outside the blocks.
         input_axes: for kernels, how many leading axes (after the expert
             axis) are inputs: 1, or 2 for attention output kernels
@@ -84,7 +90,8 @@ def backbone_weights(config):
     Returns:
         A list of `BackboneWeight`: the embedding, then each block
         (attention norm, attention, feed-forward norm, feed-forward), the
-        final norm and the output head.
+        final norm, the output head, and each multi-token prediction module
+        (`layer` numbered after the decoder blocks).
 
     Example:
 
@@ -118,21 +125,10 @@ def backbone_weights(config):
             "token_embedding/embeddings", (vocabulary_size, d), EMBEDDING, "table"
         )
     ]
-    for layer, is_moe in enumerate(config_moe_layer_flags(config)):
+    moe_flags = config_moe_layer_flags(config)
+    for layer, is_moe in enumerate(moe_flags):
         block = _Block(layer)
-        block.add("pre_attention_norm/scale", (d,), NORM, "scale")
-        if config["attention_type"] == "mla":
-            _mla_weights(block, config)
-        else:
-            _gqa_weights(block, config)
-        block.add("pre_feedforward_norm/scale", (d,), NORM, "scale")
-        if is_moe:
-            _moe_weights(block, config)
-        else:
-            _feedforward_weights(
-                block, "feedforward", config["intermediate_dim"], config,
-                FEEDFORWARD, use_bias=False,
-            )
+        _decoder_block_weights(block, config, is_moe)
         weights += block.weights
     weights.append(BackboneWeight("final_norm/scale", (d,), NORM, "scale"))
     if not config["tie_word_embeddings"]:
@@ -145,14 +141,43 @@ def backbone_weights(config):
                 input_axes=1,
             )
         )
+    # Multi-token prediction modules: numbered after the decoder blocks, as
+    # DeepSeek-V3 checkpoints store them, with the last MoE layer's type.
+    for k in range(config.get("num_mtp_layers", 0)):
+        block = _Block(len(moe_flags) + k, prefix=f"mtp_block_{k}")
+        block.add("enorm/scale", (d,), MULTI_TOKEN_PREDICTION, "scale")
+        block.add("hnorm/scale", (d,), MULTI_TOKEN_PREDICTION, "scale")
+        block.add("eh_proj/kernel", (2 * d, d), MULTI_TOKEN_PREDICTION, "kernel")
+        _decoder_block_weights(block, config, any(moe_flags))
+        block.add("head_norm/scale", (d,), MULTI_TOKEN_PREDICTION, "scale")
+        weights += block.weights
     return weights
 
 
-class _Block:
-    """Collects the weights of decoder block `layer`."""
+def _decoder_block_weights(block, config, is_moe):
+    """Norms, attention and feed-forward of one decoder block."""
+    d = config["hidden_dim"]
+    block.add("pre_attention_norm/scale", (d,), NORM, "scale")
+    if config["attention_type"] == "mla":
+        _mla_weights(block, config)
+    else:
+        _gqa_weights(block, config)
+    block.add("pre_feedforward_norm/scale", (d,), NORM, "scale")
+    if is_moe:
+        _moe_weights(block, config)
+    else:
+        _feedforward_weights(
+            block, "feedforward", config["intermediate_dim"], config,
+            FEEDFORWARD, use_bias=False,
+        )
 
-    def __init__(self, layer):
+
+class _Block:
+    """Collects the weights of decoder block `layer` (paths under `prefix`)."""
+
+    def __init__(self, layer, prefix=None):
         self.layer = layer
+        self.prefix = prefix or f"decoder_block_{layer}"
         self.weights = []
 
     def add(self, key, shape, part, kind, input_axes=None):
@@ -160,7 +185,7 @@ class _Block:
             input_axes = 1 if kind == "kernel" else 0
         self.weights.append(
             BackboneWeight(
-                f"decoder_block_{self.layer}/{key}",
+                f"{self.prefix}/{key}",
                 tuple(shape),
                 part,
                 kind,
@@ -184,9 +209,17 @@ def _gqa_weights(block, c):
     if c["attention_bias"]:
         for name, count in (("query", heads), ("key", kv_heads), ("value", kv_heads)):
             block.add(f"attention/{name}/bias", (count, width), ATTENTION, "bias")
+    if c.get("attention_output_bias", False):
+        block.add("attention/attention_output/bias", (d,), ATTENTION, "bias")
+    if c.get("attention_sinks", False):
+        block.add("attention/sinks", (heads,), ATTENTION, "bias")
     if c["use_qk_norm"]:
-        block.add("attention/query_norm/scale", (width,), ATTENTION, "scale")
-        block.add("attention/key_norm/scale", (width,), ATTENTION, "scale")
+        # Per head, or over the whole projection (`qk_norm_per_head=False`).
+        query_width, key_width = width, width
+        if not c.get("qk_norm_per_head", True):
+            query_width, key_width = heads * width, kv_heads * width
+        block.add("attention/query_norm/scale", (query_width,), ATTENTION, "scale")
+        block.add("attention/key_norm/scale", (key_width,), ATTENTION, "scale")
 
 
 def _mla_weights(block, c):
@@ -238,6 +271,8 @@ def _moe_weights(block, c):
     options = c["moe_options"] or {}
     use_bias = bool(options.get("use_bias", False))
     block.add("moe/router/kernel", (d, num_experts), ROUTER, "kernel")
+    if options.get("router_bias", False):
+        block.add("moe/router/bias", (num_experts,), ROUTER, "bias")
     if options.get("noisy_gating", False):
         block.add("moe/router/noise_kernel", (d, num_experts), ROUTER, "kernel")
     if (options.get("bias_update_rate") or 0) > 0:

@@ -10,8 +10,11 @@ from keras_moe.models.backbone_config import CONFIG_KEYS
 from keras_moe.models.backbone_config import validated_config
 from keras_moe.models.moe_backbone import MoEBackbone
 from keras_moe.models.weight_structure import EMBEDDING
+from keras_moe.models.weight_structure import HEAD
 from keras_moe.models.weight_structure import backbone_weights
 from keras_moe.presets.preset_registry import config as preset_config
+from keras_moe.presets.switch_parameter_count import is_switch_config
+from keras_moe.presets.switch_parameter_count import switch_count_params
 from keras_moe.utils.argument_validation import check_bool
 
 # Keys of a keras-hub preset `config.json` (a serialized backbone) around the
@@ -29,7 +32,7 @@ _REQUIRED = tuple(
 )
 
 
-def count_params(name_or_config, *, active_embedding=True):
+def count_params(name_or_config, *, active_embedding=True, active_head=True):
     """Count a model's parameters from its config, without building it.
 
     `total` is every weight of the `MoECausalLM` built from the config (what
@@ -38,14 +41,21 @@ def count_params(name_or_config, *, active_embedding=True):
     model: the token embedding, the LM head, every attention block, norm
     and dense feed-forward layer, and in each MoE layer the router, the
     `top_k` routed experts it picks and the shared experts. Routed experts
-    it does not pick are the only weights left out.
+    it does not pick are the only weights left out, besides the
+    multi-token prediction modules (`num_mtp_layers`), which only training
+    runs: they count in `total`, not in `active`.
 
     Published "active" counts differ on one point, the embedding table: a
     token reads a single row of it. Mistral counts it (Mixtral 8x7B: 12.9B
     active of 46.7B), DeepSeek does not (DeepSeek-V3: 37B active, "36.6B
-    including 0.9B for the output head"; DeepSeek-V2-Lite: 2.4B).
+    including 0.9B for the output head"; DeepSeek-V2-Lite: 2.4B), nor does
+    OpenAI (gpt-oss-20b: 3.6B active, its output head included; attention
+    sinks and biases and router biases count as active, expert biases with
+    their experts).
     `active_embedding=False` leaves it out. With tied embeddings the table
-    is also the LM head, so it stays in.
+    is also the LM head, so it stays in. GLM-4.5 leaves out the output head
+    too (355B / 32B active, 106B / 12B for GLM-4.5-Air: the parameters of
+    the decoder blocks a token uses): `active_head=False`.
 
     Args:
         name_or_config: a preset name (see `names()`), a `MoEBackbone`
@@ -54,6 +64,9 @@ def count_params(name_or_config, *, active_embedding=True):
             contents of a keras-hub preset's `config.json`.
         active_embedding: bool, whether `active` counts the token embedding
             table. Defaults to True.
+        active_head: bool, whether `active` counts the untied output head
+            (with tied embeddings the table is left out only when both are
+            False). Defaults to True.
 
     Returns:
         A dict `{"total": int, "active": int}`.
@@ -71,16 +84,32 @@ def count_params(name_or_config, *, active_embedding=True):
     >>> counts = presets.count_params("deepseek_v3", active_embedding=False)
     >>> print(f"{counts['total'] / 1e9:.0f}B, {counts['active'] / 1e9:.1f}B")
     671B, 36.6B
+    >>> counts = presets.count_params(
+    ...     "glm_4_5", active_embedding=False, active_head=False)
+    >>> print(f"{counts['total'] / 1e9:.0f}B, {counts['active'] / 1e9:.1f}B")
+    353B, 32.1B
     """
     check_bool("active_embedding", active_embedding)
-    config = _checked_config(_backbone_config(name_or_config))
-    skip_embedding = not active_embedding and not config["tie_word_embeddings"]
+    check_bool("active_head", active_head)
+    backbone_config = _backbone_config(name_or_config)
+    if is_switch_config(backbone_config):
+        # Switch Transformer's encoder-decoder (`SwitchEncoderDecoderBackbone`).
+        return switch_count_params(backbone_config, active_embedding, active_head)
+    config = _checked_config(backbone_config)
+    tied = config["tie_word_embeddings"]
+    skip_embedding = not active_embedding and (not tied or not active_head)
+    skip_head = not active_head and not tied
     total = active = 0
     for weight in backbone_weights(config):
         total += weight.size
+        if weight.layer is not None and weight.layer >= config["num_layers"]:
+            continue  # A multi-token prediction module: training only.
         if weight.routed:
             active += weight.size * config["top_k"] // config["num_experts"]
-        elif not (weight.part == EMBEDDING and skip_embedding):
+        elif not (
+            (weight.part == EMBEDDING and skip_embedding)
+            or (weight.part == HEAD and skip_head)
+        ):
             active += weight.size
     return {"total": int(total), "active": int(active)}
 

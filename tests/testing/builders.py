@@ -24,8 +24,8 @@ TINY_PRESET_OVERRIDES = {
     "mixtral_8x22b": dict(num_layers=1, num_key_value_heads=1, head_dim=8),
     "mixtral_8x7b": dict(num_layers=1, num_key_value_heads=1, head_dim=8),
     "mixtral_small": dict(num_layers=1, num_key_value_heads=1),
-    "switch_base_8": dict(num_layers=2, num_key_value_heads=2, head_dim=8),
-    "switch_small": dict(num_layers=2, num_key_value_heads=2),
+    "switch_decoder_base_8": dict(num_layers=2, num_key_value_heads=2, head_dim=8),
+    "switch_decoder_small": dict(num_layers=2, num_key_value_heads=2),
 }
 
 # A small backbone (dropless MoE layers) that runs in well under a second

@@ -2,11 +2,14 @@
 
 Multi-head latent attention (with YaRN RoPE when the config asks for it),
 `first_k_dense_replace` dense layers then MoE layers with ungated shared
-experts of the routed experts' width. DeepSeek-V2 routes with a greedy
-softmax top-k, renormalised or scaled by `routed_scaling_factor`;
-DeepSeek-V3 with sigmoid scores, group-limited selection over scores plus
-`e_score_correction_bias` (the router's non-trainable `expert_bias`),
-renormalised and scaled.
+experts of the routed experts' width. DeepSeek-V2 routes with softmax
+scores, top-k over all experts (`topk_method="greedy"`) or over the
+`topk_group` groups whose best expert scores highest
+(`"group_limited_greedy"`, the router's `group_score="max"`), renormalised
+or scaled by `routed_scaling_factor`; DeepSeek-V3 with sigmoid scores,
+group-limited selection over scores plus `e_score_correction_bias` (the
+router's non-trainable `expert_bias`), groups scored by their two best
+experts (`group_score="top2_sum"`), renormalised and scaled.
 """
 
 from keras_moe.convert import config_fields
@@ -19,6 +22,9 @@ from keras_moe.convert.family import moe_layer_indices
 # fine-tuning (they do not change the forward pass).
 DEEPSEEK_V3_BIAS_UPDATE_RATE = 0.001
 DEEPSEEK_V3_SEQUENCE_AUX_LOSS_WEIGHT = 1e-4
+# The multi-token prediction loss weight of DeepSeek-V3's last 4.8T
+# pre-training tokens (0.3 before), for fine-tuning with its MTP layer.
+DEEPSEEK_V3_MTP_LOSS_WEIGHT = 0.1
 
 _ATTENTION = "model.layers.{layer}.self_attn"
 _MLP = "model.layers.{layer}.mlp"
@@ -36,6 +42,36 @@ _TENSOR_NAMES = {
     "moe/shared_experts/up_kernel": f"{_MLP}.shared_experts.up_proj.weight",
     "moe/shared_experts/down_kernel": f"{_MLP}.shared_experts.down_proj.weight",
 }
+
+
+# DeepSeek-V2's `topk_method`s: top-k of all experts, or of the best groups.
+TOPK_METHODS_V2 = ("greedy", "group_limited_greedy")
+
+
+def _expert_groups(hf_config, config):
+    """`expert_groups` and `top_groups` from `n_group` and `topk_group`."""
+    num_experts, top_k = config["num_experts"], config["top_k"]
+    groups = config_fields.field(hf_config, "n_group", None) or 1
+    top_groups = config_fields.field(hf_config, "topk_group", None) or 1
+    for name, value in (("n_group", groups), ("topk_group", top_groups)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConversionError(
+                f"config.json field `{name}` must be a positive integer. "
+                f"Received: {name}={value!r}"
+            )
+    if num_experts % groups:
+        raise ConversionError(
+            f"config.json sets `n_group`={groups}, which does not divide "
+            f"`n_routed_experts`={num_experts}."
+        )
+    if top_groups > groups or top_k > top_groups * (num_experts // groups):
+        raise ConversionError(
+            f"config.json sets `topk_group`={top_groups}: it must be at most "
+            f"`n_group`={groups}, and its groups must hold at least "
+            f"`num_experts_per_tok`={top_k} experts "
+            f"({num_experts // groups} per group)."
+        )
+    return dict(expert_groups=groups, top_groups=top_groups)
 
 
 class _DeepSeek(Family):
@@ -132,7 +168,12 @@ class _DeepSeek(Family):
 
 
 class DeepSeekV2(_DeepSeek):
-    """DeepSeek-V2 and V2-Lite: greedy softmax top-k, renormalised or scaled.
+    """DeepSeek-V2 and V2-Lite: softmax top-k, renormalised or scaled.
+
+    `topk_method="greedy"` (V2-Lite) picks the top-k of all experts;
+    `"group_limited_greedy"` (DeepSeek-V2, its device-limited routing) first
+    keeps the `topk_group` of `n_group` expert groups whose best expert
+    scores highest.
 
     Example:
 
@@ -145,6 +186,17 @@ class DeepSeekV2(_DeepSeek):
     ...     "num_experts_per_tok": 2, "routed_scaling_factor": 2.0})
     >>> config["moe_options"]["routed_scaling_factor"]
     2.0
+    >>> config = DeepSeekV2().backbone_config({
+    ...     "model_type": "deepseek_v2", "vocab_size": 64, "hidden_size": 16,
+    ...     "num_hidden_layers": 2, "num_attention_heads": 2,
+    ...     "kv_lora_rank": 8, "qk_nope_head_dim": 4, "qk_rope_head_dim": 4,
+    ...     "v_head_dim": 4, "intermediate_size": 32,
+    ...     "moe_intermediate_size": 8, "n_routed_experts": 8,
+    ...     "num_experts_per_tok": 2, "topk_method": "group_limited_greedy",
+    ...     "n_group": 4, "topk_group": 2})
+    >>> options = config["moe_options"]
+    >>> options["expert_groups"], options["top_groups"], options["group_score"]
+    (4, 2, 'max')
     """
 
     model_type = "deepseek_v2"
@@ -153,12 +205,10 @@ class DeepSeekV2(_DeepSeek):
     def backbone_config(self, hf_config):
         field = config_fields.field
         topk_method = field(hf_config, "topk_method", "greedy")
-        if topk_method != "greedy":
+        if topk_method not in TOPK_METHODS_V2:
             raise ConversionError(
-                f"config.json sets `topk_method`={topk_method!r}; only 'greedy' "
-                "is supported for deepseek_v2 (group-limited greedy routing "
-                "scores a group by its best expert, which keras-moe routers do "
-                "not implement)."
+                f"config.json sets `topk_method`={topk_method!r}; deepseek_v2 "
+                f"supports {TOPK_METHODS_V2}."
             )
         config = super().backbone_config(hf_config)
         config["rope_interleave"] = True
@@ -174,11 +224,23 @@ class DeepSeekV2(_DeepSeek):
             routed_scaling_factor=1.0 if normalize else scaling,
             aux_loss_weight=float(field(hf_config, "aux_loss_alpha", 0.001)),
         )
+        if topk_method == "group_limited_greedy":
+            config["moe_options"].update(
+                _expert_groups(hf_config, config), group_score="max"
+            )
         return config
 
     def check_exportable(self, backbone, moe):
-        if moe["expert_groups"] != 1 or moe["bias_update_rate"] > 0:
-            self.refuse("group-limited routing and balancing biases are DeepSeek-V3's.")
+        if moe["bias_update_rate"] > 0:
+            self.refuse("balancing biases are DeepSeek-V3's.")
+        if backbone.num_mtp_layers:
+            self.refuse("multi-token prediction layers are DeepSeek-V3's.")
+        if moe["expert_groups"] != 1 and moe.get("group_score") != "max":
+            self.refuse(
+                "DeepSeek-V2's group-limited routing scores a group by its "
+                "best expert (`group_score='max'`); the sum of the two best "
+                "is DeepSeek-V3's."
+            )
         super().check_exportable(backbone, moe)
         if moe["normalize_top_k"] and moe["routed_scaling_factor"] != 1.0:
             self.refuse("DeepSeek-V2 renormalises or scales the weights, not both.")
@@ -187,10 +249,11 @@ class DeepSeekV2(_DeepSeek):
 
     def export_config(self, backbone, moe):
         config = super().export_config(backbone, moe)
+        grouped = moe["expert_groups"] != 1
         config.update(
-            topk_method="greedy",
-            n_group=None,
-            topk_group=None,
+            topk_method="group_limited_greedy" if grouped else "greedy",
+            n_group=moe["expert_groups"] if grouped else None,
+            topk_group=moe["top_groups"] if grouped else None,
             aux_loss_alpha=moe["aux_loss_weight"],
             scoring_func="softmax",
         )
@@ -223,12 +286,20 @@ class DeepSeekV3(_DeepSeek):
     tensor_names = {
         **_TENSOR_NAMES,
         "moe/router/expert_bias": f"{_MLP}.gate.e_score_correction_bias",
+        # The multi-token prediction layer, stored as layer
+        # `num_hidden_layers` (README_WEIGHTS.md of deepseek-ai/DeepSeek-V3);
+        # its decoder block has the names above.
+        "enorm/scale": "model.layers.{layer}.enorm.weight",
+        "hnorm/scale": "model.layers.{layer}.hnorm.weight",
+        "eh_proj/kernel": "model.layers.{layer}.eh_proj.weight",
+        "head_norm/scale": "model.layers.{layer}.shared_head.norm.weight",
     }
 
     def backbone_config(self, hf_config):
         field = config_fields.field
         config = super().backbone_config(hf_config)
         config["rope_interleave"] = bool(field(hf_config, "rope_interleave", True))
+        groups = _expert_groups(hf_config, config)
         config["moe_options"] = dict(
             capacity_factor=None,
             score_function="sigmoid",
@@ -236,19 +307,50 @@ class DeepSeekV3(_DeepSeek):
             routed_scaling_factor=float(
                 field(hf_config, "routed_scaling_factor", 1.0)
             ),
-            expert_groups=field(hf_config, "n_group", None) or 1,
-            top_groups=field(hf_config, "topk_group", None) or 1,
+            **groups,
+            group_score="top2_sum",
             bias_update_rate=DEEPSEEK_V3_BIAS_UPDATE_RATE,
             aux_loss_weight=0.0,
             sequence_aux_loss_weight=DEEPSEEK_V3_SEQUENCE_AUX_LOSS_WEIGHT,
         )
+        # `from_transformers` keeps those the checkpoint holds (transformers
+        # saves none: its model ignores them).
+        config["num_mtp_layers"] = config_fields.int_field(
+            hf_config, "num_nextn_predict_layers", 0
+        )
+        config["mtp_loss_weight"] = DEEPSEEK_V3_MTP_LOSS_WEIGHT
         return config
+
+    def tensor_copies(self, backbone):
+        """Tensors the checkpoints store again under other names.
+
+        Each multi-token prediction layer holds its own copy of the
+        embedding (`embed_tokens`) and output head (`shared_head.head`),
+        which the model shares with the main one.
+
+        Args:
+            backbone: the `MoEBackbone` being exported.
+
+        Returns:
+            A dict, tensor name -> list of the names of its copies.
+        """
+        copies = {"model.embed_tokens.weight": [], "lm_head.weight": []}
+        for k in range(backbone.num_mtp_layers):
+            layer = f"model.layers.{backbone.num_layers + k}"
+            copies["model.embed_tokens.weight"].append(f"{layer}.embed_tokens.weight")
+            copies["lm_head.weight"].append(f"{layer}.shared_head.head.weight")
+        return copies
 
     def check_exportable(self, backbone, moe):
         if moe["bias_update_rate"] == 0:
             self.refuse(
                 "DeepSeek-V3 routers hold a balancing bias (set "
                 "`moe_options={'bias_update_rate': ...}`)."
+            )
+        if moe["expert_groups"] != 1 and moe.get("group_score") == "max":
+            self.refuse(
+                "DeepSeek-V3's group-limited routing scores a group by the sum "
+                "of its two best experts (`group_score='top2_sum'`)."
             )
         super().check_exportable(backbone, moe)
 
@@ -260,7 +362,7 @@ class DeepSeekV3(_DeepSeek):
             topk_method="noaux_tc",
             scoring_func="sigmoid",
             rope_interleave=backbone.rope_interleave is not False,
-            num_nextn_predict_layers=0,
+            num_nextn_predict_layers=backbone.num_mtp_layers,
         )
         return config
 

@@ -1,6 +1,7 @@
 """Mixtral (`model_type="mixtral"`): every layer a softmax top-k MoE.
 
-Grouped-query attention without biases, every layer a `SparseMoE` whose
+Grouped-query attention without biases (with the config's
+`sliding_window` on every layer when it sets one), every layer a `SparseMoE` whose
 router renormalises the top-k softmax weights, no shared experts. The
 checkpoints name the MoE block `block_sparse_moe` and the expert
 projections `w1` (gate), `w3` (up) and `w2` (down).
@@ -42,6 +43,7 @@ class Mixtral(Family):
     # saved as it is uses that name.
     checkpoint_aliases = ((".block_sparse_moe.", ".mlp."),)
     expert_projections = ("w1", "w3", "w2")
+    attention_options = ("sliding_window",)
 
     def backbone_config(self, hf_config):
         field, int_field = config_fields.field, config_fields.int_field
@@ -64,6 +66,7 @@ class Mixtral(Family):
     def describes(self, backbone, moe):
         return (
             backbone.attention_type == self.attention_type
+            and self.distinctive_feature(backbone, moe) is None
             and not backbone.use_qk_norm
             and not backbone.num_shared_experts
         )
@@ -87,7 +90,7 @@ class Mixtral(Family):
             num_local_experts=backbone.num_experts,
             router_aux_loss_coef=moe["aux_loss_weight"],
             router_jitter_noise=moe["jitter"],
-            sliding_window=None,
+            sliding_window=backbone.sliding_window,
         )
 
 

@@ -12,6 +12,7 @@ from keras_moe.convert.checkpoint import ConversionError
 from keras_moe.convert.family import DECODER_TENSOR_NAMES
 from keras_moe.convert.family import Family
 from keras_moe.convert.family import moe_layer_indices
+from keras_moe.models.backbone_config import attention_layer_types
 
 _ATTENTION = "model.layers.{layer}.self_attn"
 _MLP = "model.layers.{layer}.mlp"
@@ -40,12 +41,11 @@ def _moe_layers(hf_config, num_layers):
 class _QwenMoE(Family):
     """What Qwen2-MoE and Qwen3-MoE share."""
 
+    attention_options = ("sliding_window",)
+
     def uses_sliding_window(self, hf_config):
-        layer_types = hf_config.get("layer_types") or []
-        return bool(
-            hf_config.get("use_sliding_window", False)
-            or "sliding_attention" in layer_types
-        )
+        # transformers drops `sliding_window` without `use_sliding_window`.
+        return bool(hf_config.get("use_sliding_window", False))
 
     def backbone_config(self, hf_config):
         field, int_field = config_fields.field, config_fields.int_field
@@ -87,8 +87,8 @@ class _QwenMoE(Family):
                 i for i in range(backbone.num_layers) if i not in moe_layers
             ],
             router_aux_loss_coef=moe["aux_loss_weight"],
-            use_sliding_window=False,
-            sliding_window=None,
+            use_sliding_window=backbone.sliding_window is not None,
+            sliding_window=backbone.sliding_window,
         )
 
 
@@ -109,6 +109,7 @@ class Qwen2MoE(_QwenMoE):
 
     model_type = "qwen2_moe"
     architecture = "Qwen2MoeForCausalLM"
+    attention_options = ("sliding_window", "attention_layer_types")
     tensor_names = {
         **DECODER_TENSOR_NAMES,
         "attention/query/bias": f"{_ATTENTION}.q_proj.bias",
@@ -119,6 +120,33 @@ class Qwen2MoE(_QwenMoE):
         "moe/shared_experts/down_kernel": f"{_MLP}.shared_expert.down_proj.weight",
         "moe/shared_gate_kernel": f"{_MLP}.shared_expert_gate.weight",
     }
+
+    def attention_window(self, hf_config):
+        """Qwen2-MoE slides on the layers `layer_types` names, by default
+        the even-indexed ones below `max_window_layers` (transformers 5)."""
+        window = None
+        if self.uses_sliding_window(hf_config):
+            window = config_fields.sliding_window(hf_config)
+        if window is None:
+            return dict(sliding_window=None, attention_layer_types=None)
+        num_layers = config_fields.int_field(hf_config, "num_hidden_layers")
+        layer_types = hf_config.get("layer_types")
+        if layer_types is None:
+            max_window_layers = config_fields.int_field(
+                hf_config, "max_window_layers", 28
+            )
+            layer_types = [
+                "sliding_attention"
+                if i % 2 == 0 and i < max_window_layers
+                else "full_attention"
+                for i in range(num_layers)
+            ]
+        if "sliding_attention" not in layer_types:
+            window = None
+        return dict(
+            sliding_window=window,
+            attention_layer_types=list(layer_types) if window else None,
+        )
 
     def backbone_config(self, hf_config):
         config = super().backbone_config(hf_config)
@@ -135,6 +163,7 @@ class Qwen2MoE(_QwenMoE):
     def describes(self, backbone, moe):
         return (
             backbone.attention_type == self.attention_type
+            and self.distinctive_feature(backbone, moe) is None
             and not backbone.use_qk_norm
             and bool(backbone.num_shared_experts)
         )
@@ -150,6 +179,9 @@ class Qwen2MoE(_QwenMoE):
             qkv_bias=backbone.attention_bias,
             shared_expert_intermediate_size=moe["shared_intermediate_dim"],
         )
+        if backbone.sliding_window is not None:
+            config["max_window_layers"] = backbone.num_layers
+            config["layer_types"] = attention_layer_types(backbone.get_config())
         if backbone.head_dim is not None:
             config["head_dim"] = backbone.head_dim
         return config
@@ -189,8 +221,12 @@ class Qwen3MoE(_QwenMoE):
         return config
 
     def describes(self, backbone, moe):
-        return backbone.attention_type == self.attention_type and bool(
-            backbone.use_qk_norm
+        # Per-head q/k norm: OLMoE's is projection-wide.
+        return (
+            backbone.attention_type == self.attention_type
+            and self.distinctive_feature(backbone, moe) is None
+            and bool(backbone.use_qk_norm)
+            and bool(backbone.qk_norm_per_head)
         )
 
     def check_exportable(self, backbone, moe):

@@ -8,6 +8,7 @@ from keras_moe.layers.routers.router import RoutingDecision
 from keras_moe.ops.dispatch import combine_slots
 from keras_moe.ops.dispatch import compute_expert_choice_plan
 from keras_moe.ops.router_stats import expert_choice_stats
+from keras_moe.utils.argument_validation import check_bool
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -31,6 +32,7 @@ class ExpertChoiceRouter(LinearScoring, Router):
     Args:
         num_experts: int, the number of experts `E`.
         score_function: `"softmax"` or `"sigmoid"`.
+        router_bias: bool, a trainable bias `[E]` on the router logits.
         jitter: float in `[0, 1)`, the multiplicative input noise amplitude
             in training.
         noisy_gating: bool, add learned Gaussian noise to the logits in
@@ -60,13 +62,14 @@ class ExpertChoiceRouter(LinearScoring, Router):
     [[3, 3, 3, 3]]
     """
 
-    moe_arguments = ("score_function", "jitter", "noisy_gating", "seed")
+    moe_arguments = ("score_function", "router_bias", "jitter", "noisy_gating", "seed")
 
     def __init__(
         self,
         num_experts,
         *,
         score_function="softmax",
+        router_bias=False,
         jitter=0.0,
         noisy_gating=False,
         kernel_initializer="glorot_uniform",
@@ -74,6 +77,7 @@ class ExpertChoiceRouter(LinearScoring, Router):
         **kwargs,
     ):
         super().__init__(num_experts, **kwargs)
+        self.router_bias = check_bool("router_bias", router_bias)
         self._init_scoring(
             score_function, jitter, noisy_gating, kernel_initializer, seed
         )
@@ -159,5 +163,6 @@ class ExpertChoiceRouter(LinearScoring, Router):
     def get_config(self):
         config = super().get_config()
         config["num_experts"] = self.num_experts
+        config["router_bias"] = self.router_bias
         config.update(self._scoring_config())
         return config

@@ -38,7 +38,8 @@ def router_scores_spec(inputs, num_experts, dtype):
 class LinearScoring:
     """Scores of every expert from one `[d, E]` kernel: a router mixin.
 
-    Logits are `x @ kernel`; scores their softmax or sigmoid. In training,
+    Logits are `x @ kernel` (plus a `bias [E]` when the router sets
+    `router_bias`, as GPT-OSS's does); scores their softmax or sigmoid. In training,
     optional jitter multiplies the inputs by `U(1 - jitter, 1 + jitter)`
     noise (Switch) and optional noisy gating adds
     `N(0, 1) * softplus(x @ noise_kernel)` to the logits (Shazeer et al.
@@ -71,6 +72,10 @@ class LinearScoring:
             shape=(hidden_dim, self.num_experts),
             initializer=self.kernel_initializer,
         )
+        if getattr(self, "router_bias", False):
+            self.bias = self.add_weight(
+                name="bias", shape=(self.num_experts,), initializer="zeros"
+            )
         if self.noisy_gating:
             # Zero init (Shazeer et al.): the noise starts at softplus(0).
             self.noise_kernel = self.add_weight(
@@ -98,6 +103,8 @@ class LinearScoring:
                 seed=self.seed_generator,
             )
         router_logits = ops.matmul(inputs, self.kernel)
+        if getattr(self, "router_bias", False):
+            router_logits = router_logits + ops.cast(self.bias, router_logits.dtype)
         if training and self.noisy_gating:
             noise_std = ops.softplus(ops.matmul(inputs, self.noise_kernel))
             router_logits = router_logits + noise_std * keras.random.normal(

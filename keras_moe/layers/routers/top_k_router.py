@@ -7,8 +7,14 @@ from keras_moe.layers.routers.linear_scoring import LinearScoring
 from keras_moe.layers.routers.token_choice_router import RouterOutput
 from keras_moe.layers.routers.token_choice_router import TokenChoiceRouter
 from keras_moe.utils.argument_validation import check_bool
+from keras_moe.utils.argument_validation import check_choice
 from keras_moe.utils.argument_validation import check_float
 from keras_moe.utils.argument_validation import check_int
+
+# How group-limited routing scores a group of experts: the sum of its two
+# best scores (DeepSeek-V3's `noaux_tc`) or its best score (DeepSeek-V2's
+# `group_limited_greedy`).
+GROUP_SCORES = ("top2_sum", "max")
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -23,10 +29,13 @@ class TopKRouter(LinearScoring, TokenChoiceRouter):
     `routed_scaling_factor`.
 
     Options from the literature, all off by default:
-    - Group-limited routing (DeepSeek-V3): experts form `expert_groups`
-      groups of consecutive experts; a group's score is the sum of its two
-      best experts' scores, only the `top_groups` best groups are eligible,
-      and the `top_k` experts are picked among them.
+    - Group-limited routing (DeepSeek-V2, DeepSeek-V3): experts form
+      `expert_groups` groups of consecutive experts; only the `top_groups`
+      best groups are eligible, and the `top_k` experts are picked among
+      them. A group's score is the sum of its two best experts' (selection)
+      scores with `group_score="top2_sum"` (DeepSeek-V3's `noaux_tc`), or
+      its best expert's score with `group_score="max"` (DeepSeek-V2's
+      `group_limited_greedy`).
     - Aux-loss-free balancing (Wang et al. 2024): with
       `bias_update_rate > 0` a non-trainable per-expert `expert_bias` is
       added to the scores *for selection only* (weights use the unbiased
@@ -55,6 +64,11 @@ class TopKRouter(LinearScoring, TokenChoiceRouter):
         expert_groups: int dividing `num_experts`, the number of groups for
             group-limited routing. 1 (the default) turns it off.
         top_groups: int in `[1, expert_groups]`, the groups a token may use.
+        router_bias: bool, a trainable bias `[E]` added to the router logits
+            (GPT-OSS).
+        group_score: how group-limited routing scores a group: `"top2_sum"`
+            (the sum of its two best experts' scores, DeepSeek-V3) or
+            `"max"` (its best expert's score, DeepSeek-V2).
         bias_update_rate: float >= 0, the step `u` of aux-loss-free
             balancing; 0 turns it off.
         jitter: float in `[0, 1)`, the multiplicative input noise amplitude.
@@ -89,6 +103,18 @@ class TopKRouter(LinearScoring, TokenChoiceRouter):
     >>> groups = np.asarray(routing.expert_ids) // 4
     >>> all(len(set(row)) <= 2 for row in groups.tolist())
     True
+
+    DeepSeek-V2-style routing: softmax scores, a group scored by its best
+    expert, 3 of 8 groups used.
+
+    >>> router = TopKRouter(
+    ...     num_experts=16, top_k=6, normalize_top_k=False,
+    ...     expert_groups=8, top_groups=3, group_score="max",
+    ...     routed_scaling_factor=16.0, dtype="float32")
+    >>> routing = router(np.random.normal(size=(5, 16)).astype("float32"))
+    >>> groups = np.asarray(routing.expert_ids) // 2
+    >>> all(len(set(row)) <= 3 for row in groups.tolist())
+    True
     """
 
     moe_arguments = (
@@ -98,6 +124,8 @@ class TopKRouter(LinearScoring, TokenChoiceRouter):
         "routed_scaling_factor",
         "expert_groups",
         "top_groups",
+        "group_score",
+        "router_bias",
         "bias_update_rate",
         "jitter",
         "noisy_gating",
@@ -114,6 +142,8 @@ class TopKRouter(LinearScoring, TokenChoiceRouter):
         routed_scaling_factor=1.0,
         expert_groups=1,
         top_groups=1,
+        group_score="top2_sum",
+        router_bias=False,
         bias_update_rate=0.0,
         jitter=0.0,
         noisy_gating=False,
@@ -122,6 +152,7 @@ class TopKRouter(LinearScoring, TokenChoiceRouter):
         **kwargs,
     ):
         super().__init__(num_experts, **kwargs)
+        self.router_bias = check_bool("router_bias", router_bias)
         self._init_scoring(
             score_function, jitter, noisy_gating, kernel_initializer, seed
         )
@@ -140,6 +171,7 @@ class TopKRouter(LinearScoring, TokenChoiceRouter):
         self.top_groups = check_int(
             "top_groups", top_groups, min_value=1, max_value=self.expert_groups
         )
+        self.group_score = check_choice("group_score", group_score, GROUP_SCORES)
         self.top_k = check_int("top_k", top_k, min_value=1)
         eligible_experts = self.top_groups * (num_experts // self.expert_groups)
         if self.top_k > eligible_experts:
@@ -195,8 +227,11 @@ class TopKRouter(LinearScoring, TokenChoiceRouter):
             selection_scores,
             leading_shape + (self.expert_groups, experts_per_group),
         )
-        best_in_group, _ = ops.top_k(grouped, min(2, experts_per_group))
-        group_scores = ops.sum(best_in_group, axis=-1)
+        if self.group_score == "max":
+            group_scores = ops.max(grouped, axis=-1)
+        else:
+            best_in_group, _ = ops.top_k(grouped, min(2, experts_per_group))
+            group_scores = ops.sum(best_in_group, axis=-1)
         _, top_group_ids = stable_top_k(group_scores, self.top_groups)
         group_kept = ops.sum(
             ops.one_hot(top_group_ids, self.expert_groups, dtype="int32"),
@@ -253,6 +288,8 @@ class TopKRouter(LinearScoring, TokenChoiceRouter):
                 "routed_scaling_factor": self.routed_scaling_factor,
                 "expert_groups": self.expert_groups,
                 "top_groups": self.top_groups,
+                "group_score": self.group_score,
+                "router_bias": self.router_bias,
                 "bias_update_rate": self.bias_update_rate,
             }
         )

@@ -31,8 +31,9 @@
 # 4. fine-tuning a few steps with `model.fit`,
 # 5. exporting and loading the result back in `transformers`.
 #
-# The same code loads `mixtral`, `qwen2_moe`, `qwen3_moe`, `deepseek_v2` and
-# `deepseek_v3` checkpoints.
+# The same code loads `mixtral`, `qwen2_moe`, `qwen3_moe`, `deepseek_v2`,
+# `deepseek_v3`, `olmoe`, `glm4_moe`, `dbrx`, `gpt_oss` and `llama4`
+# checkpoints, and Switch Transformer (`switch_transformers`) encoder-decoders.
 
 # %%
 # Install keras-moe (and transformers, to compare with) when it is missing,
@@ -246,15 +247,24 @@ assert difference < 1e-4
 # | `mixtral` | GQA + RoPE, `SparseMoE` in every layer, softmax top-k renormalised |
 # | `qwen2_moe` | q/k/v biases, `SharedExpertMoE` with a sigmoid-gated shared expert, `norm_topk_prob`, dense layers from `mlp_only_layers` / `decoder_sparse_step` |
 # | `qwen3_moe` | per-head q/k RMSNorm, `norm_topk_prob`, `mlp_only_layers` |
-# | `deepseek_v2` | multi-head latent attention (YaRN RoPE), greedy softmax top-k times `routed_scaling_factor`, shared experts, `first_k_dense_replace` dense layers |
-# | `deepseek_v3` | MLA with query LoRA and YaRN RoPE, sigmoid group-limited routing with `e_score_correction_bias` as the router's `expert_bias`, `routed_scaling_factor`, shared experts |
+# | `deepseek_v2` | multi-head latent attention (YaRN RoPE), `greedy` or `group_limited_greedy` (`n_group`, `topk_group`: `group_score="max"`) softmax top-k times `routed_scaling_factor`, shared experts, `first_k_dense_replace` dense layers |
+# | `deepseek_v3` | MLA with query LoRA and YaRN RoPE, sigmoid group-limited routing with `e_score_correction_bias` as the router's `expert_bias`, `routed_scaling_factor`, shared experts, the multi-token prediction layer (`num_mtp_layers`) when the checkpoint holds it |
+# | `olmoe` | q/k RMSNorm over the whole projection (`qk_norm_per_head=False`), `clip_qkv`, 64 experts top-8 without renormalisation |
+# | `glm4_moe` | q/k/v biases, partial RoPE (`partial_rotary_factor`), optional q/k norm, DeepSeek-V3 routing and shared experts (its multi-token prediction layer is skipped) |
+# | `dbrx` | fused `Wqkv` split into q, k, v with `clip_qkv`, LayerNorm without bias (`norm_type="layer"`), fused expert tensors read row range by row range |
+# | `gpt_oss` | attention sinks, alternating sliding-window / full attention, biases, YaRN RoPE, router bias, clamped SwiGLU; MXFP4 experts dequantized on load, one expert at a time |
+# | `llama4_text`, `llama4` | chunked attention, NoPE layers with temperature tuning, q/k L2 norm, llama3 RoPE, top-1 sigmoid routing weighting the expert inputs, a shared expert; `llama4` reads `text_config` and leaves the vision encoder out |
+# | `switch_transformers` | the T5 encoder-decoder as a `SwitchSeq2SeqLM`: relative position buckets, cross-attention, Switch layers every sparse step, T5's SentencePiece tokenizer |
 #
-# Refused with an error naming the field: RoPE scaling other than DeepSeek's
-# YaRN (`rope_scaling`), quantized weights (`quantization_config`, e.g.
-# DeepSeek-V3's FP8 release: dequantize to bfloat16 first), DeepSeek-V2's
-# `group_limited_greedy` routing, and pickled `.bin` weights, which are never
-# unpickled. Sliding-window attention is not reproduced: a config with a
-# `sliding_window` loads with a warning that outputs match only for
-# sequences up to the window. Load large checkpoints with
+# Sliding windows (`sliding_window`, Qwen's `use_sliding_window` and
+# `layer_types`) are reproduced in training, in the full forward pass and in
+# cached decoding. Refused with an error naming the field: RoPE scaling the
+# family does not use (`rope_scaling`), quantized weights other than
+# GPT-OSS's MXFP4 experts (`quantization_config`, e.g. DeepSeek-V3's FP8
+# release: dequantize to bfloat16 first), DBRX's
+# `moe_normalize_expert_weights` other than 1, and pickled `.bin` weights,
+# which are never unpickled. Grok-1 has a preset (`grok_1`) with its
+# published shapes but no conversion: it has no standard checkpoint format.
+# Load large checkpoints with
 # `dtype="bfloat16"`, and under a `keras.distribution` layout
 # (`keras_moe.distribution.get_layout_map`) when one device cannot hold them.

@@ -71,7 +71,7 @@ from keras_moe.models import SwitchSeq2SeqLMPreprocessor
 # The tests run every guide with KERAS_MOE_GUIDE_FAST=1: fewer steps, a
 # tiny model.
 FAST = os.environ.get("KERAS_MOE_GUIDE_FAST") == "1"
-PRETRAIN_EPOCHS, PRETRAIN_STEPS = (2, 2) if FAST else (6, 40)
+PRETRAIN_EPOCHS, PRETRAIN_STEPS = (2, 2) if FAST else (6, 30)
 FINETUNE_EPOCHS, FINETUNE_STEPS = (2, 2) if FAST else (6, 40)
 BATCH_SIZE = 4 if FAST else 16
 keras.utils.set_random_seed(0)
@@ -132,6 +132,8 @@ print([block.is_sparse for block in switch.backbone.encoder_layers])
 # %%
 SEQUENCE_LENGTH = 64 if FAST else 128
 corpus = np.frombuffer(offline_corpus().encode("utf-8"), dtype=np.uint8).astype("int32")
+# Every training step sees new text: the corpus holds about 3,600 windows
+# of 128 bytes, enough for the steps above.
 num_train = PRETRAIN_EPOCHS * PRETRAIN_STEPS * BATCH_SIZE
 num_val = 4 * BATCH_SIZE
 examples = span_corruption_arrays(

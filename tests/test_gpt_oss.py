@@ -338,14 +338,21 @@ def test_plain_rope_full_attention_config_round_trips():
 
 def test_export_refuses_what_gpt_oss_cannot_hold(loaded, tmp_path):
     config = loaded["float"].backbone.get_config()
+    moe_options = config["moe_options"]
     for change, message in (
         ({"swiglu_limit": None, "swiglu_alpha": None}, "clamped SwiGLU"),
         ({"attention_output_bias": False}, "all four attention projections"),
-        ({"moe_options": {**config["moe_options"], "router_bias": False}}, "router_bias"),
+        ({"moe_options": {**moe_options, "router_bias": False}}, "router_bias"),
     ):
         backbone = MoEBackbone.from_config({**config, **change})
         with pytest.raises(ConversionError, match=message):
             convert.to_transformers(backbone, tmp_path / "out", model_type="gpt_oss")
+    # A layer whose experts lack a part cannot be stacked.
+    from keras_moe.convert.families.gpt_oss import stack_expert_tensors
+
+    lone_kernel = [("model.layers.0.mlp.experts.0.gate_proj.weight", np.zeros((2, 3)))]
+    with pytest.raises(ConversionError, match="model.layers.0.mlp.experts lacks"):
+        list(stack_expert_tensors(lone_kernel, num_experts=1))
 
 
 def test_full_size_presets_count_like_the_model_card():
@@ -375,7 +382,8 @@ def test_hierarchical_moe_refuses_a_router_bias():
     # GPT-OSS's router bias is a flat-router option: a gating tree has none.
     from keras_moe.layers import HierarchicalMoE
 
-    with pytest.raises(ValueError, match="`router_bias` configure a flat router.*router_bias=True"):
+    message = "`router_bias` configure a flat router.*router_bias=True"
+    with pytest.raises(ValueError, match=message):
         HierarchicalMoE(2, 2, 4, router_bias=True)
 
 

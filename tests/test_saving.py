@@ -123,7 +123,8 @@ def test_every_preset_has_a_saving_case():
 PRESETS_PER_BACKEND = (
     sorted(TINY_PRESET_OVERRIDES)
     if keras.backend.backend() == "torch"
-    else ["deepseek_v3", "mixtral_small", "switch_decoder_small"]
+    else ["deepseek_v3", "gpt_oss_small", "llama4_scout", "mixtral_small",
+          "switch_decoder_small"]
 )
 
 

@@ -406,3 +406,11 @@ def test_switch_benchmark_smoke_run_prints_every_model():
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("keras_moe", "keras_hub T5", "transformers"):
         assert f"{name} / keras_moe tokens/s" in result.stdout, name
+
+
+def test_cross_attention_without_encoder_states_is_refused():
+    from keras_moe.models.t5_relative_attention import T5RelativeAttention
+
+    attention = T5RelativeAttention(2, 4, cross_attention=True)
+    with pytest.raises(ValueError, match="key_value_states"):
+        attention(np.zeros((1, 3, 8), "float32"))

@@ -5,7 +5,8 @@
   safetensors) or `hf://org/name`; `keras_moe.presets.load` calls it for
   such directories and handles. Supported `model_type`s:
   `SUPPORTED_MODEL_TYPES` (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2,
-  DeepSeek-V3).
+  DeepSeek-V3, OLMoE, GLM-4.5, DBRX, GPT-OSS, Llama 4, and Switch
+  Transformer as a `SwitchSeq2SeqLM`).
 - `to_transformers(model, directory)`: a checkpoint transformers loads
   back to the same logits.
 - `backbone_config_from_transformers(config)` and

@@ -38,8 +38,10 @@ def from_transformers(
     or an `hf://org/name` handle, which is downloaded through
     `huggingface_hub` and then read the same way. The `model_type` in
     `config.json` picks the family that converts it (see
-    `keras_moe.convert.registry`; `SUPPORTED_MODEL_TYPES`: `mixtral`,
-    `qwen2_moe`, `qwen3_moe`, `deepseek_v2`, `deepseek_v3`), and
+    `keras_moe.convert.registry`; `SUPPORTED_MODEL_TYPES`: `dbrx`,
+    `deepseek_v2`, `deepseek_v3`, `glm4_moe`, `gpt_oss`, `llama4`,
+    `llama4_text`, `mixtral`, `olmoe`, `qwen2_moe`, `qwen3_moe`,
+    `switch_transformers`), and
     `backbone_config_from_transformers` says how each maps onto
     `MoEBackbone`.
 

@@ -148,7 +148,8 @@ class T5RelativeAttention(keras.layers.Layer):
         if self.cross_attention and key_value_states is None and cache is None:
             raise ValueError(
                 "A cross-attention `T5RelativeAttention` needs "
-                "`key_value_states` (the encoder outputs) or a filled `cache`."
+                "`key_value_states` (the encoder outputs) or a filled `cache`. "
+                "Received: key_value_states=None, cache=None"
             )
         queries = self._project(hidden_states, self.query_kernel)
         keys, values, cache = self._keys_and_values(

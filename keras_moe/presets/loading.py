@@ -37,8 +37,9 @@ def load(
     its weights. A directory holding a Hugging Face checkpoint (a
     transformers `config.json` and safetensors weights), or an
     `hf://org/name` handle, is converted by
-    `keras_moe.convert.from_transformers` (Mixtral, Qwen2-MoE, Qwen3-MoE,
-    DeepSeek-V2 and DeepSeek-V3 checkpoints).
+    `keras_moe.convert.from_transformers` (every `model_type` of
+    `keras_moe.convert.SUPPORTED_MODEL_TYPES`: Mixtral, Qwen-MoE, DeepSeek,
+    OLMoE, GLM-4.5, DBRX, GPT-OSS, Llama 4 and Switch Transformer).
 
     Switch Transformer encoder-decoders (the `switch_base_*`,
     `switch_large_128`, `switch_xxl_128`, `switch_c_2048` and

@@ -52,7 +52,7 @@ def names():
     >>> "mixtral_small" in presets.names()
     True
     >>> [name for name in presets.names() if name.startswith("deepseek")]
-    ['deepseek_small', 'deepseek_v2_lite', 'deepseek_v3']
+    ['deepseek_small', 'deepseek_v2', 'deepseek_v2_lite', 'deepseek_v3']
     """
     return sorted(_records())
 

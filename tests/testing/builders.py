@@ -26,6 +26,23 @@ TINY_PRESET_OVERRIDES = {
     "mixtral_small": dict(num_layers=1, num_key_value_heads=1),
     "switch_decoder_base_8": dict(num_layers=2, num_key_value_heads=2, head_dim=8),
     "switch_decoder_small": dict(num_layers=2, num_key_value_heads=2),
+    "dbrx": dict(num_layers=1, num_key_value_heads=1, num_experts=4, top_k=2),
+    "deepseek_v2": dict(num_layers=2, q_lora_rank=8, num_experts=16, **MLA_SHRINK),
+    "glm_4_5": dict(num_layers=2, first_k_dense=1, num_key_value_heads=1, head_dim=8,
+                    num_experts=8, top_k=2),
+    "glm_4_5_air": dict(num_layers=2, first_k_dense=1, num_key_value_heads=1, head_dim=8,
+                        num_experts=8, top_k=2),
+    "gpt_oss_20b": dict(num_layers=2, num_key_value_heads=1, head_dim=8, num_experts=4,
+                        attention_layer_types=["sliding_attention", "full_attention"]),
+    "gpt_oss_120b": dict(num_layers=2, num_key_value_heads=1, head_dim=8, num_experts=4,
+                         attention_layer_types=["sliding_attention", "full_attention"]),
+    "gpt_oss_small": dict(num_layers=2, num_key_value_heads=1),
+    "grok_1": dict(num_layers=1, num_key_value_heads=1, head_dim=8),
+    "llama4_maverick": dict(num_layers=2, num_key_value_heads=1, head_dim=8, num_experts=4,
+                            shared_intermediate_dim=8, nope_layers=[1]),
+    "llama4_scout": dict(num_layers=2, num_key_value_heads=1, head_dim=8, num_experts=4,
+                         shared_intermediate_dim=8, nope_layers=[1]),
+    "olmoe_1b_7b": dict(num_layers=1, num_key_value_heads=1, num_experts=8),
 }
 
 # A small backbone (dropless MoE layers) that runs in well under a second

@@ -116,11 +116,12 @@ def _complete_stacks(prefix, parts, num_experts):
     ):
         # [E, out, in] per projection -> [E, in, 2 * out], gate at even.
         gate, up = (_stack_experts(parts.pop(key), num_experts) for key in gate_up[:2])
-        kernel = np.empty(gate.shape[:1] + (gate.shape[2], 2 * gate.shape[1]), gate.dtype)
+        experts, width, inputs = gate.shape
+        kernel = np.empty((experts, inputs, 2 * width), gate.dtype)
         kernel[..., 0::2] = gate.transpose(0, 2, 1)
         kernel[..., 1::2] = up.transpose(0, 2, 1)
         gate_bias, up_bias = parts.pop("gate_proj_bias"), parts.pop("up_proj_bias")
-        bias = np.empty(gate_bias.shape[:1] + (2 * gate_bias.shape[1],), gate_bias.dtype)
+        bias = np.empty((experts, 2 * width), gate_bias.dtype)
         bias[:, 0::2], bias[:, 1::2] = gate_bias, up_bias
         yield f"{prefix}.gate_up_proj", kernel
         yield f"{prefix}.gate_up_proj_bias", bias
@@ -158,7 +159,8 @@ def stack_expert_tensors(tensors, num_experts):
     Example:
 
     >>> prefix = "model.layers.0.mlp.experts"
-    >>> pairs = [(f"{prefix}.{j}.{p}.weight", np.full((1, 2), 2.0 * j + (p == "up_proj")))
+    >>> pairs = [
+    ...     (f"{prefix}.{j}.{p}.weight", np.full((1, 2), 2.0 * j + (p == "up_proj")))
     ...     for p in ("gate_proj", "up_proj") for j in range(2)]
     >>> pairs += [(f"{prefix}.gate_proj_bias", np.zeros(2)),
     ...     (f"{prefix}.up_proj_bias", np.ones(2))]
@@ -429,7 +431,9 @@ class GptOss(Family):
         if len(moe_layer_indices(backbone)) != backbone.num_layers:
             self.refuse("every GPT-OSS layer is a MoE layer.")
         if not backbone.attention_sinks:
-            self.refuse("GPT-OSS attention has a learned sink per head (attention_sinks).")
+            self.refuse(
+                "GPT-OSS attention has a learned sink per head (attention_sinks)."
+            )
         if backbone.attention_bias != backbone.attention_output_bias:
             self.refuse(
                 "GPT-OSS has biases on all four attention projections or none "
@@ -472,8 +476,9 @@ class GptOss(Family):
             config["max_position_embeddings"] = int(
                 scaling["factor"] * scaling["original_max_position_embeddings"]
             )
+        head_dim = backbone.head_dim or backbone.hidden_dim // backbone.num_query_heads
         config.update(
-            head_dim=backbone.head_dim or backbone.hidden_dim // backbone.num_query_heads,
+            head_dim=head_dim,
             intermediate_size=backbone.moe_intermediate_dim,
             num_local_experts=backbone.num_experts,
             sliding_window=backbone.sliding_window,

@@ -21,28 +21,19 @@ from keras.src.quantizers.utils import should_quantize_layer
 from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
 
-from keras_moe.layers import FeedForward
-from keras_moe.layers import SharedExpertMoE
-from keras_moe.layers import SparseMoE
-from keras_moe.layers.clamped_swiglu import ClampedSwiGLU
 from keras_moe.layers.feed_forward_weights import QUANTIZATION_MODES
 from keras_moe.layers.feed_forward_weights import FeedForwardWeights
 from keras_moe.layers.feed_forward_weights import unsupported_mode_error
 from keras_moe.models.backbone_config import CONFIG_KEYS
 from keras_moe.models.backbone_config import attention_layer_types
-from keras_moe.models.backbone_config import config_moe_layer_flags
 from keras_moe.models.backbone_config import validated_config
-from keras_moe.models.grouped_query_attention import GroupedQueryAttention
+from keras_moe.models.decoder_layers import make_attention
+from keras_moe.models.decoder_layers import make_feedforward
+from keras_moe.models.decoder_layers import make_multi_token_prediction
 from keras_moe.models.layer_normalization import make_normalization
 from keras_moe.models.lora_state import LoRAState
 from keras_moe.models.lora_state import lora_variables
 from keras_moe.models.moe_decoder_block import MoEDecoderBlock
-from keras_moe.models.multi_token_prediction import MultiTokenPrediction
-from keras_moe.models.multi_token_prediction import MultiTokenPredictionBlock
-from keras_moe.models.multi_head_latent_attention import (
-    MultiHeadLatentAttention,
-)
-from keras_moe.models.rms_normalization import RMSNormalization
 from keras_moe.utils.argument_validation import check_int
 from keras_moe.utils.weights_loading import load_weights_or_restore
 
@@ -374,8 +365,8 @@ class MoEBackbone(Backbone):
         self.transformer_layers = []
         for i in range(config["num_layers"]):
             block = MoEDecoderBlock(
-                attention=_make_attention(config, i, dtype),
-                feedforward=_make_feedforward(config, i, dtype),
+                attention=make_attention(config, i, dtype),
+                feedforward=make_feedforward(config, i, dtype),
                 layer_norm_epsilon=config["layer_norm_epsilon"],
                 dropout=config["dropout"],
                 norm_type=config["norm_type"],
@@ -389,7 +380,7 @@ class MoEBackbone(Backbone):
             dtype=dtype,
             name="final_norm",
         )
-        self.multi_token_prediction = _make_multi_token_prediction(
+        self.multi_token_prediction = make_multi_token_prediction(
             config, self.token_embedding, dtype
         )
 
@@ -642,122 +633,3 @@ class MoEBackbone(Backbone):
             for layer in self._flatten_layers(include_self=False)
             if layer.weights
         ]
-
-
-def _make_attention(c, layer_index, dtype):
-    if c["attention_type"] == "gqa":
-        layer_type = attention_layer_types(c)[layer_index]
-        sliding = layer_type == "sliding_attention"
-        chunked = layer_type == "chunked_attention"
-        # Llama 4: q/k norm on the layers with RoPE, temperature on the rest.
-        rope = layer_index not in (c["nope_layers"] or ())
-        return GroupedQueryAttention(
-            num_query_heads=c["num_query_heads"],
-            num_key_value_heads=c["num_key_value_heads"],
-            head_dim=c["head_dim"],
-            rope_max_wavelength=c["rope_max_wavelength"],
-            use_bias=c["attention_bias"],
-            use_qk_norm=c["use_qk_norm"],
-            qk_norm_per_head=c["qk_norm_per_head"],
-            clip_qkv=c["clip_qkv"],
-            partial_rotary_factor=c["partial_rotary_factor"],
-            sliding_window=c["sliding_window"] if sliding else None,
-            use_sinks=c["attention_sinks"],
-            use_output_bias=c["attention_output_bias"],
-            rope_scaling=c["rope_scaling"],
-            attention_chunk_size=c["attention_chunk_size"] if chunked else None,
-            use_rope=rope,
-            use_qk_l2_norm=c["use_qk_l2_norm"] and rope,
-            temperature_floor_scale=(
-                None if rope else c["attention_temperature_floor_scale"]
-            ),
-            temperature_scale=c["attention_temperature_scale"],
-            layer_norm_epsilon=c["layer_norm_epsilon"],
-            dropout=c["dropout"],
-            dtype=dtype,
-            name="attention",
-        )
-    return MultiHeadLatentAttention(
-        num_heads=c["num_query_heads"],
-        kv_lora_rank=c["kv_lora_rank"],
-        qk_nope_head_dim=c["qk_nope_head_dim"],
-        qk_rope_head_dim=c["qk_rope_head_dim"],
-        v_head_dim=c["v_head_dim"],
-        q_lora_rank=c["q_lora_rank"],
-        rope_max_wavelength=c["rope_max_wavelength"],
-        rope_interleave=c["rope_interleave"] is not False,
-        rope_scaling=c["rope_scaling"],
-        layer_norm_epsilon=c["layer_norm_epsilon"],
-        dropout=c["dropout"],
-        dtype=dtype,
-        name="attention",
-    )
-
-
-def _ffn_activation(c):
-    if c["swiglu_limit"] is not None:
-        return ClampedSwiGLU(alpha=c["swiglu_alpha"], limit=c["swiglu_limit"])
-    return c["ffn_activation"]
-
-
-def _make_feedforward(c, layer_index, dtype):
-    if not config_moe_layer_flags(c)[layer_index]:
-        return FeedForward(
-            c["intermediate_dim"],
-            activation=_ffn_activation(c),
-            gated=c["ffn_gated"],
-            dtype=dtype,
-            name="feedforward",
-        )
-    options = dict(c["moe_options"] or {})
-    options["causal"] = True
-    common = dict(
-        top_k=c["top_k"],
-        activation=_ffn_activation(c),
-        gated=c["ffn_gated"],
-        dtype=dtype,
-        name="moe",
-        **options,
-    )
-    if c["num_shared_experts"] == 0:
-        return SparseMoE(c["num_experts"], c["moe_intermediate_dim"], **common)
-    return SharedExpertMoE(
-        c["num_experts"],
-        c["moe_intermediate_dim"],
-        num_shared_experts=c["num_shared_experts"],
-        shared_intermediate_dim=c["shared_intermediate_dim"],
-        shared_expert_gate=c["shared_expert_gate"],
-        **common,
-    )
-
-
-def _make_multi_token_prediction(c, token_embedding, dtype):
-    """DeepSeek-V3's multi-token prediction modules, or None."""
-    if not c["num_mtp_layers"]:
-        return None
-    flags = config_moe_layer_flags(c)
-    # The block type of the main model's (last) MoE layer.
-    template = max(
-        (i for i, is_moe in enumerate(flags) if is_moe), default=len(flags) - 1
-    )
-    blocks = []
-    for k in range(c["num_mtp_layers"]):
-        block = MultiTokenPredictionBlock(
-            attention=_make_attention(c, template, dtype),
-            feedforward=_make_feedforward(c, template, dtype),
-            layer_norm_epsilon=c["layer_norm_epsilon"],
-            dropout=c["dropout"],
-            dtype=dtype,
-            name=f"mtp_block_{k}",
-        )
-        # Built here, outside any other layer, so that its variable paths
-        # start with its own name (as `backbone_weights` lists them).
-        block.build((None, None, c["hidden_dim"]))
-        blocks.append(block)
-    return MultiTokenPrediction(
-        blocks,
-        token_embedding,
-        loss_weight=c["mtp_loss_weight"],
-        dtype=dtype,
-        name="multi_token_prediction",
-    )

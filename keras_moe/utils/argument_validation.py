@@ -26,6 +26,11 @@ def check_int(name, value, min_value=None, max_value=None):
     return int(value)
 
 
+def check_optional_int(name, value, min_value=1):
+    """Return None for None, else `check_int(name, value, min_value)`."""
+    return None if value is None else check_int(name, value, min_value=min_value)
+
+
 def check_float(name, value, *, positive=False, allow_none=False):
     """Return `value` as a float (or None when allowed), or raise."""
     if value is None and allow_none:

@@ -64,9 +64,12 @@ LAYER_CASES = {
              expert_groups=4, top_groups=2, bias_update_rate=0.01, capacity_factor=1.0),
         (2, 5, HIDDEN_DIM), {},
     ),
+    # top_k=3: 30 choices over 4 experts, a mean load of 7.5 that no expert
+    # can equal, so every balancing bias moves in the training call (with
+    # top_k=2 an expert at exactly the mean keeps its bias at zero).
     "SharedExpertMoE": (
         SharedExpertMoE,
-        dict(num_experts=4, intermediate_dim=4, num_shared_experts=2,
+        dict(num_experts=4, intermediate_dim=4, top_k=3, num_shared_experts=2,
              shared_expert_gate=True, bias_update_rate=0.01, score_function="sigmoid"),
         (2, 5, HIDDEN_DIM), {},
     ),

@@ -15,6 +15,7 @@ import keras
 from keras_moe.convert import config_fields
 from keras_moe.convert.checkpoint import ConversionError
 from keras_moe.convert.checkpoint import SafetensorsCheckpoint
+from keras_moe.models.attention_config import GQA_OPTION_DEFAULTS
 from keras_moe.models.backbone_config import config_moe_layer_flags
 
 # Tensor names shared by the transformers decoders (Llama layout), keyed by
@@ -46,25 +47,18 @@ DECODER_TENSOR_NAMES = {
         "model.layers.{layer}.mlp.experts.{expert}.down_proj.weight"
     ),
 }
-# GQA options of `MoEBackbone` and their defaults: a family whose
-# `attention_options` leaves one out cannot hold another value.
+# Backbone options and their defaults that only some families' checkpoints
+# hold: a family whose `attention_options` leaves one out cannot hold
+# another value. The GQA options (the temperature scale matters only with
+# a floor scale), GPT-OSS's clamped SwiGLU and DBRX's LayerNorm.
 ATTENTION_OPTIONS = {
-    "qk_norm_per_head": True,
-    "clip_qkv": None,
-    "partial_rotary_factor": 1.0,
-    "sliding_window": None,
-    "attention_layer_types": None,
-    "attention_sinks": False,
-    "attention_output_bias": False,
-    # Llama 4.
-    "attention_chunk_size": None,
-    "nope_layers": None,
-    "use_qk_l2_norm": False,
-    "attention_temperature_floor_scale": None,
-    # Not attention, refused the same way: GPT-OSS's clamped SwiGLU.
+    **{
+        name: default
+        for name, default in GQA_OPTION_DEFAULTS.items()
+        if name != "attention_temperature_scale"
+    },
     "swiglu_alpha": None,
     "swiglu_limit": None,
-    # Nor this: DBRX's LayerNorm without bias in place of RMSNorm.
     "norm_type": "rms",
 }
 _TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}

@@ -1,16 +1,17 @@
+"""Layer normalization without bias (DBRX), and the backbone's norm choice."""
+
 import keras
 from keras import ops
 
 from keras_moe.models.rms_normalization import RMSNormalization
 from keras_moe.utils.argument_validation import check_choice
-from keras_moe.utils.argument_validation import check_float
 
 # The normalizations a `MoEBackbone` can use (`norm_type`).
 NORM_TYPES = ("rms", "layer")
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class LayerNormalization(keras.layers.Layer):
+class LayerNormalization(RMSNormalization):
     """Layer normalization over the last axis, with a scale and no bias.
 
     `y = (x - mean(x)) / sqrt(var(x) + epsilon) * scale`, with the biased
@@ -39,35 +40,13 @@ class LayerNormalization(keras.layers.Layer):
     """
 
     def __init__(self, epsilon=1e-5, **kwargs):
-        super().__init__(**kwargs)
-        self.epsilon = check_float("epsilon", epsilon, positive=True)
-        self.supports_masking = True
-
-    def build(self, input_shape):
-        if input_shape[-1] is None:
-            raise ValueError(
-                "The last dimension of the `LayerNormalization` input must be "
-                f"known. Received: input_shape={tuple(input_shape)}"
-            )
-        self.scale = self.add_weight(
-            name="scale", shape=(int(input_shape[-1]),), initializer="ones"
-        )
+        super().__init__(epsilon, **kwargs)
 
     def call(self, inputs):
+        # Layer norm is the RMS norm of the centred inputs: the root mean
+        # square of `x - mean(x)` is the square root of the biased variance.
         inputs = ops.cast(inputs, "float32")
-        centered = inputs - ops.mean(inputs, axis=-1, keepdims=True)
-        variance = ops.mean(ops.square(centered), axis=-1, keepdims=True)
-        outputs = centered * ops.rsqrt(variance + self.epsilon)
-        outputs = outputs * ops.cast(self.scale, "float32")
-        return ops.cast(outputs, self.compute_dtype)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"epsilon": self.epsilon})
-        return config
+        return super().call(inputs - ops.mean(inputs, axis=-1, keepdims=True))
 
 
 def make_normalization(norm_type, epsilon, **kwargs):

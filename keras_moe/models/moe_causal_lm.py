@@ -1,9 +1,7 @@
 import contextlib
-import weakref
 from collections.abc import Mapping
 
 import keras
-import keras_hub
 import numpy as np
 from keras import ops
 from keras_hub.models import CausalLM
@@ -14,6 +12,7 @@ from keras_moe.distribution.batch_padding import first_rows
 from keras_moe.distribution.batch_padding import pad_inputs
 from keras_moe.distribution.batch_padding import pad_training_batch
 from keras_moe.models.moe_backbone import MoEBackbone
+from keras_moe.models.saved_compile_config import SavedCompileConfig
 from keras_moe.models.moe_backbone import check_quantization_mode
 from keras_moe.models.moe_causal_lm_preprocessor import MoECausalLMPreprocessor
 from keras_moe.models.moe_causal_lm_preprocessor import check_tokenized_inputs
@@ -82,42 +81,8 @@ def _indivisible_batches_explained():
         ) from error
 
 
-def _build_optimizer_before_loading_its_state(model):
-    """Create the optimizer's variables just before `load_model` loads them.
-
-    Keras builds a loaded model's optimizer in `compile_from_config`, before
-    the weights load; but some layers only reach their saved state while
-    loading (a quantized `Experts` layer comes back float and quantizes
-    from the file), so the trainable variables would not yet be those of
-    the saved model. Keras loads the optimizer after every layer: building
-    it then, on the model's trainable variables, gives the saved number of
-    variables in the saved order. Outside `load_model`, `fit()` builds it
-    as usual.
-    """
-    optimizer = model.optimizer
-    if optimizer is None or optimizer.built:
-        return
-    model_ref = weakref.ref(model)
-    load_state = type(optimizer).load_own_variables
-
-    def load_own_variables(store):
-        del optimizer.load_own_variables  # back to the class's method
-        restored = model_ref()
-        # An optimizer saved before it was built (compiled, never trained)
-        # holds only its iteration count and learning rate.
-        if (
-            restored is not None
-            and not optimizer.built
-            and len(store.keys()) != len(optimizer.variables)
-        ):
-            optimizer.build(restored.trainable_variables)
-        load_state(optimizer, store)
-
-    optimizer.load_own_variables = load_own_variables
-
-
 @keras.saving.register_keras_serializable(package="keras_moe")
-class MoECausalLM(CausalLM):
+class MoECausalLM(SavedCompileConfig, CausalLM):
     """A Mixture-of-Experts causal language model: `MoEBackbone` + LM head.
 
     Calling the model on `{"token_ids", "padding_mask"}` returns next-token
@@ -328,79 +293,6 @@ class MoECausalLM(CausalLM):
         if y is None and self.loss is not None:
             raise ValueError(_MISSING_LABELS)
         return super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-    def get_compile_config(self):
-        """The arguments of `compile()`, saved with the model: Keras' own
-        (optimizer, loss, metrics, ...) and the `sampler`.
-
-        Returns:
-            A dict, empty if the model was not compiled.
-
-        Example:
-
-        >>> import keras, keras_hub
-        >>> from keras_moe.models import MoEBackbone
-        >>> backbone = MoEBackbone(
-        ...     vocabulary_size=16, num_layers=1, hidden_dim=8,
-        ...     num_query_heads=2, num_experts=2, top_k=1,
-        ...     moe_intermediate_dim=8)
-        >>> causal_lm = MoECausalLM(backbone)
-        >>> causal_lm.compile(optimizer=keras.optimizers.AdamW(1e-3),
-        ...                   sampler=keras_hub.samplers.TopKSampler(k=5))
-        >>> config = causal_lm.get_compile_config()
-        >>> config["sampler"]["class_name"], config["sampler"]["config"]["k"]
-        ('TopKSampler', 5)
-        """
-        config = super().get_compile_config()
-        sampler = getattr(self, "sampler", None)
-        if config and sampler is not None:
-            config = dict(config)
-            config["sampler"] = keras_hub.samplers.serialize(sampler)
-        return config
-
-    def compile_from_config(self, config):
-        """Compile with a saved `get_compile_config()`: `load_model` calls it.
-
-        `keras.Model.compile_from_config` skips models with their own
-        `compile()` (with a warning), which left a loaded model with
-        keras-hub's default optimizer and sampler. Here the saved
-        optimizer, loss, metrics and sampler are used, and the optimizer's
-        variables are created once the saved weights are in place (the
-        trainable variables are final then: LoRA factors and quantized
-        kernels included), so that `load_model` restores its state and
-        `fit()` resumes where the saved model stopped.
-
-        Args:
-            config: a dict from `get_compile_config()`.
-
-        Example:
-
-        >>> import keras
-        >>> from keras_moe.models import MoEBackbone
-        >>> backbone = MoEBackbone(
-        ...     vocabulary_size=16, num_layers=1, hidden_dim=8,
-        ...     num_query_heads=2, num_experts=2, top_k=1,
-        ...     moe_intermediate_dim=8)
-        >>> causal_lm = MoECausalLM(backbone)
-        >>> causal_lm.compile(optimizer=keras.optimizers.SGD(0.5),
-        ...                   sampler="greedy")
-        >>> restored = MoECausalLM(backbone)
-        >>> restored.compile_from_config(causal_lm.get_compile_config())
-        >>> type(restored.optimizer).__name__, type(restored.sampler).__name__
-        ('SGD', 'GreedySampler')
-        """
-        if not isinstance(config, Mapping):
-            raise ValueError(
-                "`config` must be a dict from `get_compile_config()`. "
-                f"Received: config={config!r}"
-            )
-        config = dict(config)
-        sampler = config.pop("sampler", None)
-        config = keras.saving.deserialize_keras_object(config)
-        if sampler is not None:
-            config["sampler"] = keras_hub.samplers.deserialize(sampler)
-        self.compile(**config)
-        _build_optimizer_before_loading_its_state(self)
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         # A mode the expert kernels cannot take is refused before any layer

@@ -41,8 +41,8 @@ class RMSNormalization(keras.layers.Layer):
     def build(self, input_shape):
         if input_shape[-1] is None:
             raise ValueError(
-                "The last dimension of the `RMSNormalization` input must be "
-                f"known. Received: input_shape={tuple(input_shape)}"
+                f"The last dimension of the `{type(self).__name__}` input must "
+                f"be known. Received: input_shape={tuple(input_shape)}"
             )
         self.scale = self.add_weight(
             name="scale", shape=(int(input_shape[-1]),), initializer="ones"

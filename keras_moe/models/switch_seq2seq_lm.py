@@ -1,14 +1,11 @@
 """`SwitchSeq2SeqLM`: Switch Transformer with a language-model head."""
 
-from collections.abc import Mapping
-
 import keras
-import keras_hub
 from keras import ops
 from keras_hub.models import Seq2SeqLM
 from keras_hub.src.utils.tensor_utils import any_equal
 
-from keras_moe.models.moe_causal_lm import _build_optimizer_before_loading_its_state
+from keras_moe.models.saved_compile_config import SavedCompileConfig
 from keras_moe.models.switch_encoder_decoder_backbone import (
     SwitchEncoderDecoderBackbone,
 )
@@ -18,7 +15,7 @@ from keras_moe.models.switch_seq2seq_lm_preprocessor import (
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class SwitchSeq2SeqLM(Seq2SeqLM):
+class SwitchSeq2SeqLM(SavedCompileConfig, Seq2SeqLM):
     """A Switch Transformer sequence-to-sequence language model.
 
     Calling the model on `{"encoder_token_ids", "encoder_padding_mask",
@@ -77,64 +74,6 @@ class SwitchSeq2SeqLM(Seq2SeqLM):
         hidden_states = backbone(inputs)["decoder_sequence_output"]
         outputs = backbone.logits(hidden_states)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
-
-    def get_compile_config(self):
-        """The arguments of `compile()`, the `sampler` included.
-
-        Returns:
-            A dict, empty if the model was not compiled.
-
-        Example:
-
-        >>> backbone = SwitchEncoderDecoderBackbone(
-        ...     vocabulary_size=16, num_layers=1, hidden_dim=8, num_heads=2,
-        ...     intermediate_dim=8, num_experts=2)
-        >>> model = SwitchSeq2SeqLM(backbone)
-        >>> model.compile(sampler="greedy")
-        >>> model.get_compile_config()["sampler"]["class_name"]
-        'GreedySampler'
-        """
-        config = super().get_compile_config()
-        sampler = getattr(self, "sampler", None)
-        if config and sampler is not None:
-            config = dict(config)
-            config["sampler"] = keras_hub.samplers.serialize(sampler)
-        return config
-
-    def compile_from_config(self, config):
-        """Compile with a saved `get_compile_config()` (`load_model` calls it).
-
-        The saved optimizer, loss, metrics and sampler are used, and the
-        optimizer's variables are created once the saved weights are in
-        place, so `load_model` restores its state and `fit()` resumes.
-
-        Args:
-            config: a dict from `get_compile_config()`.
-
-        Example:
-
-        >>> backbone = SwitchEncoderDecoderBackbone(
-        ...     vocabulary_size=16, num_layers=1, hidden_dim=8, num_heads=2,
-        ...     intermediate_dim=8, num_experts=2)
-        >>> model = SwitchSeq2SeqLM(backbone)
-        >>> model.compile(optimizer=keras.optimizers.SGD(0.5), sampler="greedy")
-        >>> restored = SwitchSeq2SeqLM(backbone)
-        >>> restored.compile_from_config(model.get_compile_config())
-        >>> type(restored.optimizer).__name__, type(restored.sampler).__name__
-        ('SGD', 'GreedySampler')
-        """
-        if not isinstance(config, Mapping):
-            raise ValueError(
-                "`config` must be a dict from `get_compile_config()`. "
-                f"Received: config={config!r}"
-            )
-        config = dict(config)
-        sampler = config.pop("sampler", None)
-        config = keras.saving.deserialize_keras_object(config)
-        if sampler is not None:
-            config["sampler"] = keras_hub.samplers.deserialize(sampler)
-        self.compile(**config)
-        _build_optimizer_before_loading_its_state(self)
 
     def call_encoder(self, token_ids, padding_mask):
         """The encoder outputs `[batch, length, hidden_dim]`."""

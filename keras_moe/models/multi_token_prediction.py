@@ -41,7 +41,8 @@ def shifted_left(values, shift):
     Example:
 
     >>> import numpy as np
-    >>> shifted_left(np.array([[1, 2, 3, 4]]), 2).tolist()
+    >>> from keras import ops
+    >>> ops.convert_to_numpy(shifted_left(np.array([[1, 2, 3, 4]]), 2)).tolist()
     [[3, 4, 0, 0]]
     """
     if shift == 0:

@@ -182,6 +182,10 @@ def expert_parallel():
             {int(np.prod(v.shape)) for v in expert_kernels(model)}
         )
         result["fit_losses"] = fit_losses(model)
+        # Expert dropout runs where the experts live (its masks are drawn
+        # on the expert-sharded buffers) and trains as well.
+        with_dropout = tiny_model(moe_options={"expert_dropout": 0.1})
+        result["fit_losses_with_expert_dropout"] = fit_losses(with_dropout)
         result["shards_after_fit"] = shard_shapes(expert_kernels(model))
         trained_logits = logits_of(model, x)
         directory = tempfile.mkdtemp()

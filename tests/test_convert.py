@@ -620,6 +620,13 @@ def test_tokenizer_matches_transformers_and_generates(checkpoints, tmp_path):
     convert.to_transformers(model, tmp_path / "exported")
     exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
     assert exported(text, add_special_tokens=False)["input_ids"] == expected
+    # With its special token ids in config.json (Mixtral's config class
+    # would otherwise say bos 1, eos 2: other tokens of this vocabulary).
+    exported_config = transformers.AutoConfig.from_pretrained(tmp_path / "exported")
+    assert (exported_config.bos_token_id, exported_config.eos_token_id) == (
+        reference.bos_token_id, reference.eos_token_id
+    )
+    assert exported_config.pad_token_id == tokenizer.pad_token_id
 
 
 def test_tokenizer_runs_inside_tf_data(checkpoints, tmp_path):

@@ -235,9 +235,9 @@ def _count_grouped_calls(layer, monkeypatch):
     calls = []
     original = type(layer.experts).grouped_call
 
-    def counting(self, rows, layout, kernel="tiles"):
+    def counting(self, rows, layout, kernel="tiles", training=None):
         calls.append(kernel)
-        return original(self, rows, layout, kernel)
+        return original(self, rows, layout, kernel, training)
 
     monkeypatch.setattr(type(layer.experts), "grouped_call", counting)
     return calls

@@ -70,7 +70,8 @@ LAYER_CASES = {
     "SharedExpertMoE": (
         SharedExpertMoE,
         dict(num_experts=4, intermediate_dim=4, top_k=3, num_shared_experts=2,
-             shared_expert_gate=True, bias_update_rate=0.01, score_function="sigmoid"),
+             shared_expert_gate=True, bias_update_rate=0.01, score_function="sigmoid",
+             expert_dropout=0.1),
         (2, 5, HIDDEN_DIM), {},
     ),
     "HierarchicalMoE": (
@@ -79,7 +80,8 @@ LAYER_CASES = {
              z_loss_weight=0.01),
         (2, 5, HIDDEN_DIM), {},
     ),
-    "SoftMoE": (SoftMoE, dict(num_experts=2, intermediate_dim=4, slots_per_expert=2),
+    "SoftMoE": (SoftMoE, dict(num_experts=2, intermediate_dim=4, slots_per_expert=2,
+                              expert_dropout=0.1),
                 (2, 5, HIDDEN_DIM), {}),
 }
 

@@ -409,7 +409,7 @@ def test_get_config_round_trip():
     assert set(config) - base_keys == {
         "num_experts", "intermediate_dim", "slots_per_expert", "activation",
         "gated", "use_bias", "kernel_initializer", "bias_initializer",
-        "slot_initializer", "track_router_stats",
+        "slot_initializer", "track_router_stats", "expert_dropout",
     }
     restored = SoftMoE.from_config(config)
     assert restored.get_config() == config

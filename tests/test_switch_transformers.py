@@ -388,6 +388,44 @@ def test_checkpoint_sentencepiece_tokenizer_is_attached(checkpoint, tmp_path):
     model.compile(sampler="greedy")
     assert isinstance(model.generate("the fox", max_length=4), str)
 
+    # Exported, the SentencePiece model goes back beside the weights, and
+    # transformers' T5 tokenizer reads it to the same ids.
+    exported = tmp_path / "exported"
+    keras_moe.convert.to_transformers(model, exported)
+    assert (exported / "spiece.model").read_bytes() == (
+        tmp_path / "spiece.model"
+    ).read_bytes()
+    reference = transformers.AutoTokenizer.from_pretrained(exported)
+    assert reference("the lazy fox")["input_ids"] == expected + [1]
+    assert reference.pad_token_id == 0 and reference.eos_token_id == 1
+
+
+def test_export_writes_the_tokenizer_special_token_ids(tmp_path):
+    # The byte-level tokenizer of `switch_t5_small` pads with 258 and ends
+    # with 257: transformers must start decoding, stop and pad with those.
+    model = keras_moe.presets.load(
+        "switch_t5_small", num_layers=2, num_decoder_layers=2, hidden_dim=8,
+        num_heads=2, key_value_dim=4, intermediate_dim=8,
+    )
+    tokenizer = model.preprocessor.tokenizer
+    keras_moe.convert.to_transformers(model, tmp_path)
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert config.pad_token_id == tokenizer.pad_token_id != 0
+    assert config.decoder_start_token_id == tokenizer.pad_token_id
+    assert config.eos_token_id == tokenizer.end_token_id != 1
+    assert not (tmp_path / "spiece.model").exists()  # no file format of its own
+
+
+def test_expert_dropout_is_a_loading_option(checkpoint):
+    directory, _ = checkpoint
+    model = keras_moe.presets.load(
+        str(directory), preprocessor=None, dropout=0.1,
+        moe_options={"expert_dropout": 0.4},
+    )
+    blocks = model.backbone.encoder_layers + model.backbone.decoder_layers
+    assert {b.feedforward.experts.dropout for b in blocks if b.is_sparse} == {0.4}
+    assert {b.feedforward.dropout for b in blocks if not b.is_sparse} == {0.1}
+
 
 # The benchmark script keeps running (tiny sizes; timings are not checked).
 

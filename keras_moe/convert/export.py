@@ -10,7 +10,6 @@ from keras_moe.convert import registry
 from keras_moe.convert.checkpoint import CONFIG_FILE
 from keras_moe.convert.checkpoint import INDEX_FILE
 from keras_moe.convert.checkpoint import SINGLE_FILE
-from keras_moe.convert.tokenizer import HuggingFaceTokenizer
 from keras_moe.convert.weight_mapping import weight_mappings
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -97,8 +96,11 @@ def to_transformers(
     `model.safetensors.index.json`), in the layout of the family's
     checkpoints on the Hub (one tensor per expert), so
     `AutoModelForCausalLM.from_pretrained(directory)` computes the same
-    logits. GPT-OSS experts are written stacked, in float (not MXFP4). With a `HuggingFaceTokenizer` in the preprocessor, its
-    `tokenizer.json` and a `tokenizer_config.json` are written too.
+    logits. GPT-OSS experts are written stacked, in float (not MXFP4).
+    With a preprocessor, `config.json` holds its tokenizer's special token
+    ids; a `HuggingFaceTokenizer` also writes its `tokenizer.json` and a
+    `tokenizer_config.json`, and a Switch model's SentencePiece tokenizer
+    its `spiece.model`.
 
     Weights are written in their dtype. Shards are written one at a time:
     at most one shard's tensors are held in memory in checkpoint layout.
@@ -133,6 +135,9 @@ def to_transformers(
     backbone = getattr(model, "backbone", model)
     family = _family(backbone, model_type)
     config = family.transformers_config(backbone)
+    tokenizer = getattr(getattr(model, "preprocessor", None), "tokenizer", None)
+    if tokenizer is not None:
+        config.update(family.special_token_ids(tokenizer))
     if hasattr(family, "weight_mappings"):  # a family of its own backbone class
         mappings = family.weight_mappings(backbone)
     else:
@@ -187,22 +192,4 @@ def to_transformers(
             json.dump(index, file, indent=2)
     with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as file:
         json.dump(config, file, indent=2)
-    _write_tokenizer(getattr(model, "preprocessor", None), directory)
-
-
-def _write_tokenizer(preprocessor, directory):
-    tokenizer = getattr(preprocessor, "tokenizer", None)
-    if not isinstance(tokenizer, HuggingFaceTokenizer):
-        return
-    tokenizer.save_assets(directory)
-    settings = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": tokenizer.start_token,
-        "eos_token": tokenizer.end_token,
-        "pad_token": tokenizer.pad_token,
-        "add_bos_token": tokenizer.start_token is not None,
-    }
-    with open(
-        os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8"
-    ) as file:
-        json.dump(settings, file, indent=2)
+    family.write_tokenizer(tokenizer, backbone, directory)

@@ -8,6 +8,8 @@ checkpoints cannot hold. Each family lives in its own module under
 through `keras_moe.convert.registry` by its `model_type`.
 """
 
+import json
+import os
 import warnings
 
 import keras
@@ -15,6 +17,7 @@ import keras
 from keras_moe.convert import config_fields
 from keras_moe.convert.checkpoint import ConversionError
 from keras_moe.convert.checkpoint import SafetensorsCheckpoint
+from keras_moe.convert.tokenizer import HuggingFaceTokenizer
 from keras_moe.models.attention_config import GQA_OPTION_DEFAULTS
 from keras_moe.models.backbone_config import config_moe_layer_flags
 
@@ -113,6 +116,21 @@ def moe_settings(backbone):
     """
     first = moe_layer_indices(backbone)[0]
     return backbone.transformer_layers[first].feedforward.get_config()
+
+
+# `config.json` token id field -> keras-hub tokenizer attribute.
+_SPECIAL_TOKEN_IDS = (
+    ("bos_token_id", "start_token_id"),
+    ("eos_token_id", "end_token_id"),
+    ("pad_token_id", "pad_token_id"),
+)
+
+
+def write_tokenizer_config(directory, settings):
+    """Write `settings` as the `tokenizer_config.json` in `directory`."""
+    path = os.path.join(directory, "tokenizer_config.json")
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(settings, file, indent=2)
 
 
 class Family:
@@ -438,6 +456,63 @@ class Family:
         if template is None:
             return None
         return template.replace("{layer}", str(weight.layer))
+
+    def special_token_ids(self, tokenizer):
+        """The `config.json` ids of `tokenizer`'s special tokens.
+
+        Written on export, so that transformers starts, stops and pads
+        generation as the exported model's preprocessor does (without
+        them, transformers falls back on its config class's defaults).
+
+        Args:
+            tokenizer: the model's tokenizer (keras-hub attributes
+                `start_token_id`, `end_token_id`, `pad_token_id`).
+
+        Returns:
+            A dict of the `bos_token_id`, `eos_token_id` and `pad_token_id`
+            the tokenizer has.
+
+        Example:
+
+        >>> from types import SimpleNamespace
+        >>> from keras_moe.convert import registry
+        >>> tokenizer = SimpleNamespace(start_token_id=None, end_token_id=2,
+        ...                             pad_token_id=0)
+        >>> registry.lookup("mixtral").special_token_ids(tokenizer)
+        {'eos_token_id': 2, 'pad_token_id': 0}
+        """
+        ids = {}
+        for field, attribute in _SPECIAL_TOKEN_IDS:
+            value = getattr(tokenizer, attribute, None)
+            if value is not None:
+                ids[field] = int(value)
+        return ids
+
+    def write_tokenizer(self, tokenizer, backbone, directory):
+        """Write the files transformers reads `tokenizer` from, if any.
+
+        A `HuggingFaceTokenizer` writes its `tokenizer.json` and a
+        `tokenizer_config.json` naming its special tokens; other
+        tokenizers have no transformers file and write nothing.
+
+        Args:
+            tokenizer: the model's tokenizer, or None.
+            backbone: the backbone being written.
+            directory: the checkpoint directory.
+        """
+        if not isinstance(tokenizer, HuggingFaceTokenizer):
+            return
+        tokenizer.save_assets(directory)
+        write_tokenizer_config(
+            directory,
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": tokenizer.start_token,
+                "eos_token": tokenizer.end_token,
+                "pad_token": tokenizer.pad_token,
+                "add_bos_token": tokenizer.start_token is not None,
+            },
+        )
 
     def stored_tensors(self, backbone, tensors):
         """Checkpoint tensors in the layout the family's files store.

@@ -252,7 +252,7 @@ def constrain_groups(values, groups):
     return ops.reshape(values, (groups.num_groups,) + trailing_shape)
 
 
-def run_experts(experts, buffers, groups):
+def run_experts(experts, buffers, groups, training=None):
     """Run the experts on `buffers [G, E, C, d]` where the experts live.
 
     The buffers go from group-sharded to expert-sharded (an all-to-all over
@@ -263,6 +263,7 @@ def run_experts(experts, buffers, groups):
         experts: the `Experts` bank.
         buffers: `[G, E, C, d]`, as `dispatch` made them.
         groups: the `RoutingGroups` the buffers were made with.
+        training: bool, passed to the experts (their dropout).
 
     Returns:
         The expert outputs, `[G, E, C, d]`, group-sharded.
@@ -287,7 +288,7 @@ def run_experts(experts, buffers, groups):
     buffers = _constrain(buffers, groups, experts_split=False)
     if groups.expert_axis is not None:
         buffers = _constrain(buffers, groups, experts_split=True)
-    outputs = experts(buffers)
+    outputs = experts(buffers, training=training)
     if groups.expert_axis is not None:
         outputs = _constrain(outputs, groups, experts_split=True)
     outputs = _constrain(outputs, groups, experts_split=False)

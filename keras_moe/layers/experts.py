@@ -42,6 +42,8 @@ class Experts(FeedForwardWeights):
         kernel_initializer: initializer of the kernels; fan-based
             initializers are applied per expert.
         bias_initializer: initializer of the biases.
+        dropout: float in `[0, 1)`, dropout on each expert's hidden
+            activation in training ("expert dropout"). Defaults to 0.
         lora_rank: optional int, enable LoRA of this rank when built.
         lora_alpha: optional float, the LoRA scale numerator (defaults to
             `lora_rank`).
@@ -123,7 +125,7 @@ class Experts(FeedForwardWeights):
             names += [f"{name}_bias" for name in self.projections]
         return names
 
-    def grouped_call(self, rows, layout, kernel="tiles"):
+    def grouped_call(self, rows, layout, kernel="tiles", training=None):
         """The experts on rows in the grouped layout (dropless at sparse cost).
 
         Each expert's rows are multiplied by its own kernels only (see
@@ -138,6 +140,7 @@ class Experts(FeedForwardWeights):
                 `[max_tiles]`, `num_tiles` scalar, `group_sizes` `[E]`).
             kernel: the grouped matmul kernel, `"tiles"`, `"ragged_dot"` or
                 `"grouped_mm"`.
+            training: bool, turns on the experts' dropout.
 
         Returns:
             `[M, d]`.
@@ -169,7 +172,9 @@ class Experts(FeedForwardWeights):
                 inputs, outputs, name, contract=contract, expand_bias=row_bias
             )
 
-        return self._feed_forward(ops.cast(rows, self.compute_dtype), project)
+        return self._feed_forward(
+            ops.cast(rows, self.compute_dtype), project, training
+        )
 
     def get_config(self):
         config = super().get_config()

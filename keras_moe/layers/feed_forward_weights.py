@@ -17,6 +17,7 @@ from keras_moe.layers.quantized_projections import QuantizedProjections
 from keras_moe.layers.quantized_projections import unsupported_mode_error
 from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_int
+from keras_moe.utils.argument_validation import check_rate
 
 # Re-exported: `keras_moe.models.moe_backbone` checks a model's mode with them.
 __all__ = ["FeedForwardWeights", "QUANTIZATION_MODES", "unsupported_mode_error"]
@@ -32,6 +33,9 @@ class FeedForwardWeights(QuantizedProjections):
     blocks compute `down(activation(x @ gate) * (x @ up))`, plain ones
     `down(activation(x @ up))`. A `ClampedSwiGLU` activation (GPT-OSS)
     combines the gate and up projections itself, clamped and with `up + 1`.
+    With `dropout > 0`, training calls drop units of the hidden activation
+    (what `down` receives), as T5 and Switch Transformer do inside their
+    feed-forward blocks and experts ("expert dropout").
 
     On top of the float block it implements Keras' quantization and LoRA
     protocol of `keras.layers.EinsumDense`, so that `model.quantize(...)`
@@ -81,6 +85,9 @@ class FeedForwardWeights(QuantizedProjections):
         use_bias: bool, whether the projections have biases.
         kernel_initializer: initializer of the kernels.
         bias_initializer: initializer of the biases.
+        dropout: float in `[0, 1)`, the rate of dropout on the hidden
+            activation in training. Defaults to 0 (no dropout layer, no
+            random state).
         lora_rank: optional int, enable LoRA of this rank when built.
         lora_alpha: optional float, the LoRA scale numerator (defaults to
             `lora_rank`).
@@ -113,6 +120,7 @@ class FeedForwardWeights(QuantizedProjections):
         use_bias=False,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
+        dropout=0.0,
         lora_rank=None,
         lora_alpha=None,
         quantization_config=None,
@@ -140,6 +148,14 @@ class FeedForwardWeights(QuantizedProjections):
         self.use_bias = check_bool("use_bias", use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.dropout = check_rate("dropout", dropout)
+        # Made only when used: a rate of 0 adds no random state to save,
+        # thread through compiled steps or shard.
+        self.dropout_layer = None
+        if self.dropout > 0:
+            self.dropout_layer = keras.layers.Dropout(
+                self.dropout, dtype=self.dtype_policy, name="dropout"
+            )
 
     @property
     def projections(self):
@@ -194,9 +210,14 @@ class FeedForwardWeights(QuantizedProjections):
     # Forward pass ----------------------------------------------------------
 
     def call(self, inputs, training=None):
-        return self._feed_forward(inputs, self._float_project)
+        return self._feed_forward(inputs, self._float_project, training)
 
-    def _feed_forward(self, inputs, project):
+    def _feed_forward(self, inputs, project, training=None):
+        """The block on `inputs`, with `project(x, name)` for each projection.
+
+        Every path (float, quantized, grouped rows) runs through here, so
+        the activation and the dropout on it are written once.
+        """
         up = project(inputs, "up")
         if isinstance(self._activation_fn, ClampedSwiGLU):
             hidden = self._activation_fn.gated_product(project(inputs, "gate"), up)
@@ -204,6 +225,8 @@ class FeedForwardWeights(QuantizedProjections):
             hidden = self._activation_fn(project(inputs, "gate")) * up
         else:
             hidden = self._activation_fn(up)
+        if self.dropout_layer is not None:
+            hidden = self.dropout_layer(hidden, training=training)
         return project(hidden, "down")
 
     def _float_project(self, inputs, name):
@@ -325,6 +348,7 @@ class FeedForwardWeights(QuantizedProjections):
                 "bias_initializer": keras.initializers.serialize(
                     self.bias_initializer
                 ),
+                "dropout": self.dropout,
             }
         )
         if self.lora_rank:

@@ -8,6 +8,7 @@ from keras_moe.metrics import RouterStatsMetric
 from keras_moe.ops.router_stats import ROUTED
 from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_int
+from keras_moe.utils.argument_validation import check_rate
 
 # Constructor arguments that a MoE layer hands to its `Experts` and reads
 # back from it in `get_config`.
@@ -75,6 +76,9 @@ class MoELayer(keras.layers.Layer):
         intermediate_dim: int, the hidden width of each expert.
         track_router_stats: bool, record router statistics in training
             calls. Defaults to True.
+        expert_dropout: float in `[0, 1)`, dropout on each expert's hidden
+            activation in training (Switch Transformer's "expert
+            dropout"). Defaults to 0.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Example:
@@ -107,7 +111,13 @@ class MoELayer(keras.layers.Layer):
     input_rank = None
 
     def __init__(
-        self, num_experts, intermediate_dim, *, track_router_stats=True, **kwargs
+        self,
+        num_experts,
+        intermediate_dim,
+        *,
+        track_router_stats=True,
+        expert_dropout=0.0,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.num_experts = check_int("num_experts", num_experts, min_value=1)
@@ -120,6 +130,7 @@ class MoELayer(keras.layers.Layer):
         self.intermediate_dim = check_int(
             "intermediate_dim", intermediate_dim, min_value=1
         )
+        self.expert_dropout = check_rate("expert_dropout", expert_dropout)
         self.router_dtype = router_dtype_for(self.dtype_policy)
         self.supports_masking = True
 
@@ -140,6 +151,7 @@ class MoELayer(keras.layers.Layer):
             use_bias=use_bias,
             kernel_initializer=kernel_initializer,
             bias_initializer=bias_initializer,
+            dropout=self.expert_dropout,
             dtype=self.dtype_policy,
             name="experts",
         )
@@ -289,15 +301,17 @@ class MoELayer(keras.layers.Layer):
             token_mask = ops.reshape(token_mask, (num_groups, -1))
         return grouped, token_mask, groups
 
-    def _run_experts(self, buffers, groups):
+    def _run_experts(self, buffers, groups, training=None):
         """The expert bank on dispatched buffers `[G, E, C, d]`.
 
         With several routing groups, the buffers travel to the devices that
         hold their experts and back (two all-to-alls).
         """
         if groups is not None:
-            return expert_parallel.run_experts(self.experts, buffers, groups)
-        return ops.expand_dims(self.experts(buffers[0]), 0)
+            return expert_parallel.run_experts(
+                self.experts, buffers, groups, training=training
+            )
+        return ops.expand_dims(self.experts(buffers[0], training=training), 0)
 
     # Statistics ------------------------------------------------------------
 
@@ -320,6 +334,7 @@ class MoELayer(keras.layers.Layer):
                 "num_experts": self.num_experts,
                 "intermediate_dim": self.intermediate_dim,
                 "track_router_stats": self.track_router_stats,
+                "expert_dropout": self.expert_dropout,
             }
         )
         config.update({key: expert_config[key] for key in EXPERT_ARGUMENTS})

@@ -110,10 +110,10 @@ class QuantizedProjections(keras.layers.Layer):
     # Forward pass ----------------------------------------------------------
 
     def _int8_call(self, inputs, training=None):
-        return self._feed_forward(inputs, self._int8_project)
+        return self._feed_forward(inputs, self._int8_project, training)
 
     def _int4_call(self, inputs, training=None):
-        return self._feed_forward(inputs, self._int4_project)
+        return self._feed_forward(inputs, self._int4_project, training)
 
     def _float8_call(self, inputs, training=None):
         if self.lora_enabled:
@@ -122,7 +122,7 @@ class QuantizedProjections(keras.layers.Layer):
                 "mode (neither does `keras.layers.Dense`)."
             )
         return self._feed_forward(
-            inputs, lambda x, name: self._float8_project(x, name, training)
+            inputs, lambda x, name: self._float8_project(x, name, training), training
         )
 
     def _int8_project(self, inputs, name):

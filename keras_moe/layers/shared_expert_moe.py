@@ -32,8 +32,8 @@ class SharedExpertMoE(SparseMoE):
             per-token sigmoid gate.
         **sparse_moe_options: the keyword arguments of `SparseMoE` (`top_k`,
             `capacity_factor`, `score_function`, `activation`, ...). The
-            shared experts use the same `activation`, `gated`, `use_bias` and
-            initializers as the routed ones.
+            shared experts use the same `activation`, `gated`, `use_bias`,
+            initializers and `expert_dropout` as the routed ones.
 
     Call arguments:
         inputs: `[..., d]`.
@@ -87,6 +87,7 @@ class SharedExpertMoE(SparseMoE):
             use_bias=self.experts.use_bias,
             kernel_initializer=self.experts.kernel_initializer,
             bias_initializer=self.experts.bias_initializer,
+            dropout=self.expert_dropout,
             dtype=self.dtype_policy,
             name="shared_experts",
         )
@@ -107,7 +108,7 @@ class SharedExpertMoE(SparseMoE):
         # Padding may hold anything (even NaN): zeroed before the shared
         # experts, it reaches neither outputs nor gradients.
         tokens = self._zero_padding(inputs, token_mask)
-        shared = self.shared_experts(tokens)
+        shared = self.shared_experts(tokens, training=training)
         if self.shared_expert_gate:
             gate = ops.sigmoid(ops.matmul(tokens, self.shared_gate_kernel))
             shared = shared * gate

@@ -100,14 +100,16 @@ class SoftMoE(MoELayer):
             Defaults to `"lecun_normal"`.
         track_router_stats: bool, record routing statistics in training
             calls. Defaults to True.
+        expert_dropout: float in `[0, 1)`, dropout on each expert's hidden
+            activation in training. Defaults to 0.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
         inputs: `[batch, tokens, d]`.
         mask: optional bool `[batch, tokens]`, False for padding tokens.
             Propagated Keras masks are used automatically.
-        training: accepted for a uniform MoE-layer call; changes nothing
-            in the outputs (training calls record router statistics).
+        training: bool, turns on `expert_dropout`; training calls record
+            router statistics.
 
     Returns:
         A tensor of the shape of `inputs`.
@@ -140,12 +142,14 @@ class SoftMoE(MoELayer):
         bias_initializer="zeros",
         slot_initializer="lecun_normal",
         track_router_stats=True,
+        expert_dropout=0.0,
         **kwargs,
     ):
         super().__init__(
             num_experts,
             intermediate_dim,
             track_router_stats=track_router_stats,
+            expert_dropout=expert_dropout,
             **kwargs,
         )
         self.slots_per_expert = check_int(
@@ -232,8 +236,8 @@ class SoftMoE(MoELayer):
         return self._routing(tokens, token_mask)
 
     def call(self, inputs, mask=None, training=None):
-        # `training` changes nothing (no capacity, noise or loss); it is
-        # accepted so that every MoE layer is called the same way.
+        # Soft routing has no capacity, noise or loss: `training` only
+        # turns on the experts' dropout (and the statistics).
         tokens, token_mask = self._prepare_inputs(inputs, mask)
         routing = self._routing(tokens, token_mask)
         if not self._has_no_tokens(inputs.shape):
@@ -253,7 +257,7 @@ class SoftMoE(MoELayer):
             slot_inputs,
             (-1, self.num_experts, self.slots_per_expert, self.hidden_dim),
         )
-        slot_outputs = self.experts(slot_inputs)
+        slot_outputs = self.experts(slot_inputs, training=training)
         slot_outputs = ops.reshape(
             slot_outputs, (-1, self.num_slots, self.hidden_dim)
         )

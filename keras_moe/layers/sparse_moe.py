@@ -138,6 +138,9 @@ class SparseMoE(MoELayer):
         seed: optional int, seeds the router's jitter and gating noise.
         track_router_stats: bool, record router statistics in training
             calls. Defaults to True; False removes their (small) cost.
+        expert_dropout: float in `[0, 1)`, dropout on each expert's hidden
+            activation in training (the Switch paper's "expert dropout",
+            0.4 when fine-tuning). Defaults to 0.
         expert_kernel: how the experts multiply their rows: `"auto"` (the
             default, see above), `"buffers"` (per-expert buffers, dropless
             ones sized for every token), or a grouped matmul kernel,
@@ -213,6 +216,7 @@ class SparseMoE(MoELayer):
         router_initializer="glorot_uniform",
         seed=None,
         track_router_stats=True,
+        expert_dropout=0.0,
         expert_kernel="auto",
         routing_weights_on="outputs",
         **kwargs,
@@ -221,6 +225,7 @@ class SparseMoE(MoELayer):
             num_experts,
             intermediate_dim,
             track_router_stats=track_router_stats,
+            expert_dropout=expert_dropout,
             **kwargs,
         )
         self.routing = check_choice("routing", routing, ROUTINGS)
@@ -350,10 +355,10 @@ class SparseMoE(MoELayer):
             dispatched, decision = self._weighted_inputs(dispatched, decision)
         if decision.plan.tiles is not None:
             expert_outputs = self._run_grouped_experts(
-                dispatched, decision.plan.tiles, grouped[0]
+                dispatched, decision.plan.tiles, grouped[0], training
             )
         else:
-            expert_outputs = self._run_experts(dispatched, groups)
+            expert_outputs = self._run_experts(dispatched, groups, training)
         outputs = self.router.combine(expert_outputs, decision)
         self._observe(
             training, lambda: self.router.statistics(decision, token_mask)
@@ -418,14 +423,15 @@ class SparseMoE(MoELayer):
             return None
         return kernel, tile_size
 
-    def _run_grouped_experts(self, rows, tiles, kernel):
+    def _run_grouped_experts(self, rows, tiles, kernel, training):
         """The expert bank on rows `[1, M, d]` in the grouped layout."""
         layout = tiles._replace(
             tile_experts=tiles.tile_experts[0],
             num_tiles=tiles.num_tiles[0],
             group_sizes=tiles.group_sizes[0],
         )
-        return ops.expand_dims(self.experts.grouped_call(rows[0], layout, kernel), 0)
+        outputs = self.experts.grouped_call(rows[0], layout, kernel, training)
+        return ops.expand_dims(outputs, 0)
 
     def _add_router_losses(self, decision, token_mask, input_shape):
         """Add the weighted losses that apply to the router's routing."""

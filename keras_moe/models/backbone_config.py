@@ -19,6 +19,7 @@ from keras_moe.utils.argument_validation import check_choice
 from keras_moe.utils.argument_validation import check_float
 from keras_moe.utils.argument_validation import check_int
 from keras_moe.utils.argument_validation import check_optional_int
+from keras_moe.utils.argument_validation import check_rate
 
 # Arguments the backbone sets on its MoE layers; `moe_options` cannot.
 RESERVED_MOE_OPTIONS = (
@@ -224,11 +225,7 @@ def validated_config(**config):
     c["tie_word_embeddings"] = check_bool(
         "tie_word_embeddings", c["tie_word_embeddings"]
     )
-    c["dropout"] = check_float("dropout", c["dropout"])
-    if c["dropout"] >= 1:
-        raise ValueError(
-            f"`dropout` must be in [0, 1). Received: dropout={c['dropout']}"
-        )
+    c["dropout"] = check_rate("dropout", c["dropout"])
     c["num_mtp_layers"] = check_int(
         "num_mtp_layers", c["num_mtp_layers"], min_value=0
     )

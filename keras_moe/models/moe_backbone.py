@@ -25,7 +25,6 @@ from keras_moe.layers.feed_forward_weights import QUANTIZATION_MODES
 from keras_moe.layers.feed_forward_weights import FeedForwardWeights
 from keras_moe.layers.feed_forward_weights import unsupported_mode_error
 from keras_moe.models.backbone_config import CONFIG_KEYS
-from keras_moe.models.backbone_config import attention_layer_types
 from keras_moe.models.backbone_config import validated_config
 from keras_moe.models.decoder_layers import make_attention
 from keras_moe.models.decoder_layers import make_feedforward

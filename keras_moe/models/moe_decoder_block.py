@@ -4,6 +4,7 @@ import keras
 
 from keras_moe.models.layer_normalization import make_normalization
 from keras_moe.utils.argument_validation import check_float
+from keras_moe.utils.argument_validation import check_rate
 
 
 def _accepts_mask(layer):
@@ -84,11 +85,7 @@ class MoEDecoderBlock(keras.layers.Layer):
         self.layer_norm_epsilon = check_float(
             "layer_norm_epsilon", layer_norm_epsilon, positive=True
         )
-        self.dropout = check_float("dropout", dropout)
-        if self.dropout >= 1:
-            raise ValueError(
-                f"`dropout` must be in [0, 1). Received: dropout={dropout}"
-            )
+        self.dropout = check_rate("dropout", dropout)
         self._feedforward_takes_mask = _accepts_mask(feedforward)
         self.norm_type = norm_type
         self.pre_attention_norm = make_normalization(

@@ -15,6 +15,7 @@ from keras_moe.models.yarn import yarn_parameters
 from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_float
 from keras_moe.utils.argument_validation import check_int
+from keras_moe.utils.argument_validation import check_rate
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -159,11 +160,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         self.layer_norm_epsilon = check_float(
             "layer_norm_epsilon", layer_norm_epsilon, positive=True
         )
-        self.dropout = check_float("dropout", dropout)
-        if self.dropout >= 1:
-            raise ValueError(
-                f"`dropout` must be in [0, 1). Received: dropout={dropout}"
-            )
+        self.dropout = check_rate("dropout", dropout)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
         # Even features first, then odd: pairwise RoPE as rotate-half RoPE.

@@ -10,8 +10,8 @@ from keras_moe.models.switch_transformer_block import SwitchTransformerBlock
 from keras_moe.models.switch_transformer_block import is_sparse_layer
 from keras_moe.models.t5_relative_position_bias import T5RelativePositionBias
 from keras_moe.utils.argument_validation import check_bool
-from keras_moe.utils.argument_validation import check_float
 from keras_moe.utils.argument_validation import check_int
+from keras_moe.utils.argument_validation import check_rate
 
 CONFIG_KEYS = (
     "vocabulary_size",
@@ -30,6 +30,7 @@ CONFIG_KEYS = (
     "activation",
     "gated_feedforward",
     "dropout",
+    "expert_dropout",
     "layer_norm_epsilon",
     "capacity_factor",
     "eval_capacity_factor",
@@ -89,7 +90,11 @@ class SwitchEncoderDecoderBackbone(Backbone):
         gated_feedforward: bool, GLU feed-forward blocks and experts
             (Switch-XXL's gated GELU) instead of plain ones (T5 v1.0).
         dropout: float in `[0, 1)`, on the embeddings, residual branches,
-            attention probabilities and stack outputs.
+            attention probabilities, dense feed-forward activations and
+            stack outputs.
+        expert_dropout: float in `[0, 1)`, on the experts' hidden
+            activations (the Switch paper's "expert dropout": 0.4 when
+            fine-tuning, with `dropout=0.1`). Defaults to `dropout`.
         layer_norm_epsilon: float, the layer norms' epsilon.
         capacity_factor: float or None, the Switch layers' training
             capacity factor (1.25 in the Switch paper).
@@ -140,6 +145,7 @@ class SwitchEncoderDecoderBackbone(Backbone):
         activation="relu",
         gated_feedforward=False,
         dropout=0.0,
+        expert_dropout=None,
         layer_norm_epsilon=1e-6,
         capacity_factor=1.25,
         eval_capacity_factor=2.0,
@@ -192,7 +198,10 @@ class SwitchEncoderDecoderBackbone(Backbone):
             relative_attention_max_distance,
             min_value=2,
         )
-        dropout = check_float("dropout", dropout)
+        dropout = check_rate("dropout", dropout)
+        expert_dropout = check_rate(
+            "expert_dropout", dropout if expert_dropout is None else expert_dropout
+        )
         gated_feedforward = check_bool("gated_feedforward", gated_feedforward)
         tie_word_embeddings = check_bool("tie_word_embeddings", tie_word_embeddings)
 
@@ -223,6 +232,7 @@ class SwitchEncoderDecoderBackbone(Backbone):
                     activation=activation,
                     gated=gated_feedforward,
                     dropout=dropout,
+                    expert_dropout=expert_dropout,
                     layer_norm_epsilon=layer_norm_epsilon,
                     capacity_factor=capacity_factor,
                     eval_capacity_factor=eval_capacity_factor,
@@ -319,6 +329,7 @@ class SwitchEncoderDecoderBackbone(Backbone):
         self.activation = activation
         self.gated_feedforward = gated_feedforward
         self.dropout = dropout
+        self.expert_dropout = expert_dropout
         self.layer_norm_epsilon = layer_norm_epsilon
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor

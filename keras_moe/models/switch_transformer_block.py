@@ -11,6 +11,7 @@ from keras_moe.models.t5_relative_attention import T5RelativeAttention
 from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_float
 from keras_moe.utils.argument_validation import check_int
+from keras_moe.utils.argument_validation import check_rate
 
 
 def is_sparse_layer(layer_index, sparse_step):
@@ -63,8 +64,12 @@ class SwitchTransformerBlock(keras.layers.Layer):
         activation: the feed-forward activation. Defaults to `"relu"`.
         gated: bool, GLU feed-forward blocks and experts (T5 v1.1's
             gated GELU, as Switch-XXL uses) instead of plain ones.
-        dropout: float in `[0, 1)`, on the residual branches and the
-            attention probabilities.
+        dropout: float in `[0, 1)`, on the residual branches, the
+            attention probabilities and the dense feed-forward block's
+            hidden activation.
+        expert_dropout: float in `[0, 1)`, on each expert's hidden
+            activation (the Switch paper's "expert dropout"). Defaults to
+            `dropout`, as in T5 and Hugging Face's `SwitchTransformers`.
         layer_norm_epsilon: float, the layer norms' epsilon.
         capacity_factor: float or None, the Switch layer's training
             capacity factor.
@@ -116,6 +121,7 @@ class SwitchTransformerBlock(keras.layers.Layer):
         activation="relu",
         gated=False,
         dropout=0.0,
+        expert_dropout=None,
         layer_norm_epsilon=1e-6,
         capacity_factor=1.25,
         eval_capacity_factor=2.0,
@@ -144,7 +150,10 @@ class SwitchTransformerBlock(keras.layers.Layer):
         )
         self.activation = activation
         self.gated = check_bool("gated", gated)
-        self.dropout = check_float("dropout", dropout)
+        self.dropout = check_rate("dropout", dropout)
+        self.expert_dropout = check_rate(
+            "expert_dropout", self.dropout if expert_dropout is None else expert_dropout
+        )
         self.layer_norm_epsilon = check_float(
             "layer_norm_epsilon", layer_norm_epsilon, positive=True
         )
@@ -186,6 +195,7 @@ class SwitchTransformerBlock(keras.layers.Layer):
                 gated=self.gated,
                 use_bias=False,
                 kernel_initializer=self.kernel_initializer,
+                dropout=self.dropout,
                 dtype=self.dtype_policy,
                 name="feedforward",
             )
@@ -209,6 +219,7 @@ class SwitchTransformerBlock(keras.layers.Layer):
                 kernel_initializer=self.kernel_initializer,
                 router_initializer=self.router_initializer,
                 expert_kernel=expert_kernel,
+                expert_dropout=self.expert_dropout,
                 dtype=self.dtype_policy,
                 name="feedforward",
             )
@@ -297,7 +308,7 @@ class SwitchTransformerBlock(keras.layers.Layer):
                 mask = ops.cast(padding_mask, "bool")
             transformed = self.feedforward(normed, mask=mask, training=training)
         else:
-            transformed = self.feedforward(normed)
+            transformed = self.feedforward(normed, training=training)
         hidden_states = hidden_states + self.residual_dropout(
             transformed, training=training
         )
@@ -321,6 +332,7 @@ class SwitchTransformerBlock(keras.layers.Layer):
                 "activation": self.activation,
                 "gated": self.gated,
                 "dropout": self.dropout,
+                "expert_dropout": self.expert_dropout,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "capacity_factor": self.capacity_factor,
                 "eval_capacity_factor": self.eval_capacity_factor,

@@ -5,8 +5,8 @@ from keras import ops
 
 from keras_moe.models.attention_masks import masked_softmax
 from keras_moe.utils.argument_validation import check_bool
-from keras_moe.utils.argument_validation import check_float
 from keras_moe.utils.argument_validation import check_int
+from keras_moe.utils.argument_validation import check_rate
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -77,11 +77,7 @@ class T5RelativeAttention(keras.layers.Layer):
         self.num_heads = check_int("num_heads", num_heads, min_value=1)
         self.key_value_dim = check_int("key_value_dim", key_value_dim, min_value=1)
         self.cross_attention = check_bool("cross_attention", cross_attention)
-        self.dropout = check_float("dropout", dropout)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(
-                f"`dropout` must be in [0, 1). Received: dropout={dropout}"
-            )
+        self.dropout = check_rate("dropout", dropout)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype="float32")
 

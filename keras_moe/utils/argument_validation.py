@@ -46,6 +46,20 @@ def check_float(name, value, *, positive=False, allow_none=False):
     return float(value)
 
 
+def check_rate(name, value):
+    """Return `value` as a float in `[0, 1)` (a dropout or noise rate), or raise.
+
+    Example:
+
+    >>> check_rate("dropout", 0.1)
+    0.1
+    """
+    value = check_float(name, value)
+    if value >= 1:
+        raise ValueError(f"`{name}` must be in [0, 1). Received: {name}={value!r}")
+    return value
+
+
 def check_bool(name, value):
     if not isinstance(value, bool):
         raise ValueError(

@@ -28,6 +28,7 @@ from keras_moe.convert.checkpoint import CONFIG_FILE
 from keras_moe.convert.checkpoint import ConversionError
 from keras_moe.convert.checkpoint import SafetensorsCheckpoint
 from keras_moe.convert.family import Family
+from keras_moe.convert.family import write_tokenizer_config
 from keras_moe.convert.weight_mapping import WeightMapping
 from keras_moe.models.switch_encoder_decoder_backbone import (
     SwitchEncoderDecoderBackbone,
@@ -44,6 +45,7 @@ _MOE_OPTION_ARGUMENTS = {
     "aux_loss_weight": "aux_loss_weight",
     "z_loss_weight": "z_loss_weight",
     "expert_kernel": "expert_kernel",
+    "expert_dropout": "expert_dropout",
 }
 
 
@@ -308,7 +310,7 @@ class SwitchTransformers(Family):
             check_memory: bool, refuse a checkpoint that cannot fit in memory.
             **overrides: `dtype`, `dropout`, `moe_options` (`capacity_factor`,
                 `eval_capacity_factor`, `jitter`, `aux_loss_weight`,
-                `z_loss_weight`, `expert_kernel`).
+                `z_loss_weight`, `expert_kernel`, `expert_dropout`).
 
         Returns:
             A `keras_moe.models.SwitchSeq2SeqLM`, not compiled.
@@ -493,11 +495,67 @@ class SwitchTransformers(Family):
             "router_aux_loss_coef": backbone.aux_loss_weight,
             "router_z_loss_coef": backbone.z_loss_weight,
             "tie_word_embeddings": backbone.tie_word_embeddings,
+            # T5's ids; a model with a tokenizer writes its own on export
+            # (`special_token_ids`).
             "pad_token_id": 0,
             "eos_token_id": 1,
             "decoder_start_token_id": 0,
             "dtype": dtype,
         }
+
+    def special_token_ids(self, tokenizer):
+        """`pad_token_id`, `eos_token_id` and `decoder_start_token_id`.
+
+        T5 decoders start with the pad token, as
+        `SwitchSeq2SeqLMPreprocessor` does.
+
+        Args:
+            tokenizer: the model's tokenizer.
+
+        Returns:
+            A dict of the ids the tokenizer has.
+        """
+        ids = super().special_token_ids(tokenizer)
+        ids.pop("bos_token_id", None)  # T5 has no start token
+        if "pad_token_id" in ids:
+            ids["decoder_start_token_id"] = ids["pad_token_id"]
+        return ids
+
+    def write_tokenizer(self, tokenizer, backbone, directory):
+        """Write `tokenizer.json`, or T5's SentencePiece `spiece.model`.
+
+        A keras-hub SentencePiece tokenizer (`T5Tokenizer`, as
+        `default_preprocessor` makes from a checkpoint's `spiece.model`)
+        writes its model proto back as `spiece.model`, with a
+        `tokenizer_config.json` for transformers' `T5Tokenizer`. T5's
+        released vocabularies reserve 100 sentinel ids (`<extra_id_0>`...)
+        after the SentencePiece pieces: they are declared when the
+        embedding has room for them.
+
+        Args:
+            tokenizer: the model's tokenizer, or None.
+            backbone: the `SwitchEncoderDecoderBackbone` being written.
+            directory: the checkpoint directory.
+        """
+        from keras_hub.tokenizers import SentencePieceTokenizer
+
+        if not isinstance(tokenizer, SentencePieceTokenizer):
+            super().write_tokenizer(tokenizer, backbone, directory)
+            return
+        with open(os.path.join(directory, _SPIECE_FILE), "wb") as file:
+            file.write(tokenizer.proto)
+        pieces = tokenizer.vocabulary_size()
+        extra_ids = 100 if backbone.vocabulary_size >= pieces + 100 else 0
+        write_tokenizer_config(
+            directory,
+            {
+                "tokenizer_class": "T5Tokenizer",
+                "eos_token": tokenizer.end_token,
+                "pad_token": tokenizer.pad_token,
+                "unk_token": "<unk>",
+                "extra_ids": extra_ids,
+            },
+        )
 
     def write_config(self, backbone, directory):
         """Write `config.json` for `backbone` into `directory`."""

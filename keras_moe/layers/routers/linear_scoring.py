@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_moe.utils.argument_validation import check_bool
 from keras_moe.utils.argument_validation import check_choice
-from keras_moe.utils.argument_validation import check_float
+from keras_moe.utils.argument_validation import check_rate
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 # Floor of the sums that scores and weights are divided by: sigmoid scores
@@ -55,11 +55,7 @@ class LinearScoring:
         self.score_function = check_choice(
             "score_function", score_function, SCORE_FUNCTIONS
         )
-        self.jitter = check_float("jitter", jitter)
-        if self.jitter >= 1.0:
-            raise ValueError(
-                f"`jitter` must be in [0, 1). Received: jitter={jitter!r}"
-            )
+        self.jitter = check_rate("jitter", jitter)
         self.noisy_gating = check_bool("noisy_gating", noisy_gating)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.seed = seed

@@ -368,5 +368,11 @@ print(f"{len(tags)} router tags, e.g.", [tag for tag in tags if "dropped" in tag
 #   (`switch_base_8` ... `switch_c_2048`) have the published shapes, and
 #   `presets.load(directory)` reads a Hugging Face `switch_transformers`
 #   checkpoint ([checkpoint conversion](checkpoint_conversion.ipynb)).
+# - Regularisation: the Switch paper fine-tunes with dropout 0.1 and a
+#   higher *expert dropout*, 0.4, inside the experts (on their hidden
+#   activations): `presets.load("switch_t5_small", dropout=0.1,
+#   expert_dropout=0.4)`, or `presets.load(directory, dropout=0.1,
+#   moe_options={"expert_dropout": 0.4})` for a converted checkpoint. The
+#   short runs above train without dropout.
 # - [Router statistics in TensorBoard](router_stats_tensorboard.ipynb)
 #   explains the router metrics.

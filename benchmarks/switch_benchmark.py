@@ -5,10 +5,16 @@ token batches:
 - `keras_moe`: a `SwitchSeq2SeqLM` shaped like Switch-Base-8 (T5 v1.0
   blocks, ReLU feed-forward, a top-1 Switch layer of 8 experts in every
   other block, capacity factor 1.25), scaled down to fit a CPU;
+- `keras_moe dense`: the same `SwitchSeq2SeqLM` without Switch layers
+  (`encoder_sparse_step=0, decoder_sparse_step=0`): what the experts,
+  router and dispatch cost, against the same stack;
 - `keras_hub T5`: keras-hub's `T5Seq2SeqLM` of the same dense shape (ReLU,
-  not gated, tied embeddings): the model without its experts;
+  not gated, tied embeddings): the model without its experts, written by
+  keras-hub;
 - `transformers`: Hugging Face's `SwitchTransformersForConditionalGeneration`
-  of the same shape in PyTorch (eager, `torch.optim.AdamW`).
+  of the same shape in PyTorch (eager, `torch.optim.AdamW`);
+- `transformers T5`: Hugging Face's `T5ForConditionalGeneration` of the
+  same dense shape: what transformers' own Switch layers cost.
 
 Each model takes `--warmup` training steps (compilation), then
 `--steps` timed steps; the report gives the median step and the training
@@ -68,13 +74,14 @@ def time_steps(step, data, warmup):
     return seconds
 
 
-def keras_moe_steps(args, shape):
+def keras_moe_steps(args, shape, sparse_step=2):
     from keras_moe.models import SwitchEncoderDecoderBackbone
     from keras_moe.models import SwitchSeq2SeqLM
 
     backbone = SwitchEncoderDecoderBackbone(
-        vocabulary_size=args.vocabulary_size, **shape, encoder_sparse_step=2,
-        decoder_sparse_step=2, dropout=0.0, capacity_factor=1.25,
+        vocabulary_size=args.vocabulary_size, **shape,
+        encoder_sparse_step=sparse_step, decoder_sparse_step=sparse_step,
+        dropout=0.0, capacity_factor=1.25,
     )
     model = SwitchSeq2SeqLM(backbone)
     model.compile(optimizer=keras.optimizers.AdamW(1e-3))
@@ -102,23 +109,10 @@ def keras_hub_t5_steps(args, shape):
     return step
 
 
-def transformers_steps(args, shape):
+def _torch_training_step(model, **call_arguments):
+    """A PyTorch training step of a transformers seq2seq `model` (AdamW)."""
     import torch
-    import transformers
 
-    config = transformers.SwitchTransformersConfig(
-        vocab_size=args.vocabulary_size, d_model=shape["hidden_dim"],
-        d_kv=shape["key_value_dim"], d_ff=shape["intermediate_dim"],
-        num_layers=shape["num_layers"], num_decoder_layers=shape["num_layers"],
-        num_heads=shape["num_heads"], num_experts=shape["num_experts"],
-        num_sparse_encoder_layers=shape["num_layers"] // 2,
-        num_sparse_decoder_layers=shape["num_layers"] // 2,
-        # Switch's capacity factor 1.25 over one sequence's tokens.
-        expert_capacity=int(np.ceil(1.25 * args.encoder_length / shape["num_experts"])),
-        dropout_rate=0.0,
-    )
-    torch.manual_seed(0)
-    model = transformers.SwitchTransformersForConditionalGeneration(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step(x, y):
@@ -127,7 +121,7 @@ def transformers_steps(args, shape):
             attention_mask=torch.from_numpy(x["encoder_padding_mask"]).long(),
             decoder_input_ids=torch.from_numpy(x["decoder_token_ids"]).long(),
             labels=torch.from_numpy(y).long(),
-            output_router_logits=True,
+            **call_arguments,
         )
         optimizer.zero_grad()
         outputs.loss.backward()
@@ -136,10 +130,52 @@ def transformers_steps(args, shape):
     return step
 
 
+def _transformers_shape(args, shape):
+    """The `T5Config`-style arguments of `shape`."""
+    return dict(
+        vocab_size=args.vocabulary_size, d_model=shape["hidden_dim"],
+        d_kv=shape["key_value_dim"], d_ff=shape["intermediate_dim"],
+        num_layers=shape["num_layers"], num_decoder_layers=shape["num_layers"],
+        num_heads=shape["num_heads"], dropout_rate=0.0,
+    )
+
+
+def transformers_steps(args, shape):
+    import torch
+    import transformers
+
+    config = transformers.SwitchTransformersConfig(
+        **_transformers_shape(args, shape), num_experts=shape["num_experts"],
+        num_sparse_encoder_layers=shape["num_layers"] // 2,
+        num_sparse_decoder_layers=shape["num_layers"] // 2,
+        # Switch's capacity factor 1.25 over one sequence's tokens.
+        expert_capacity=int(np.ceil(1.25 * args.encoder_length / shape["num_experts"])),
+    )
+    torch.manual_seed(0)
+    model = transformers.SwitchTransformersForConditionalGeneration(config).train()
+    # With the router logits, the router losses are part of the loss.
+    return _torch_training_step(model, output_router_logits=True)
+
+
+def transformers_t5_steps(args, shape):
+    import torch
+    import transformers
+
+    config = transformers.T5Config(
+        **_transformers_shape(args, shape), feed_forward_proj="relu"
+    )
+    torch.manual_seed(0)
+    return _torch_training_step(
+        transformers.T5ForConditionalGeneration(config).train()
+    )
+
+
 MODELS = {
     "keras_moe": keras_moe_steps,
+    "keras_moe dense": lambda args, shape: keras_moe_steps(args, shape, sparse_step=0),
     "keras_hub T5": keras_hub_t5_steps,
     "transformers": transformers_steps,
+    "transformers T5": transformers_t5_steps,
 }
 
 

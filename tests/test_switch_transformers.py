@@ -442,7 +442,9 @@ def test_switch_benchmark_smoke_run_prints_every_model():
         timeout=600, env={**os.environ, "KERAS_BACKEND": keras.backend.backend()},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("keras_moe", "keras_hub T5", "transformers"):
+    for name in (
+        "keras_moe", "keras_moe dense", "keras_hub T5", "transformers", "transformers T5"
+    ):
         assert f"{name} / keras_moe tokens/s" in result.stdout, name
 
 

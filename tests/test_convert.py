@@ -8,7 +8,6 @@ PyTorch run Mixtral (the conversion code is backend-independent NumPy).
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import keras
@@ -17,15 +16,22 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
+pytest.importorskip("safetensors.numpy")
 
 from keras_moe import convert  # noqa: E402
 from keras_moe import presets  # noqa: E402
 from keras_moe.convert import ConversionError  # noqa: E402
+from testing.hf_checkpoints import TOLERANCE  # noqa: E402
+from testing.hf_checkpoints import VOCABULARY_SIZE  # noqa: E402
+from testing.hf_checkpoints import copy_checkpoint  # noqa: E402
+from testing.hf_checkpoints import keras_logits  # noqa: E402
+from testing.hf_checkpoints import max_difference  # noqa: E402
+from testing.hf_checkpoints import padded_batch  # noqa: E402
+from testing.hf_checkpoints import randomize_weights  # noqa: E402
+from testing.hf_checkpoints import rewrite_tensors  # noqa: E402
+from testing.hf_checkpoints import transformers_logits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TOLERANCE = 1e-4
-VOCABULARY_SIZE = 64
 ALL_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 FAMILIES = (
     ALL_FAMILIES if keras.backend.backend() == "tensorflow" else ("mixtral",)
@@ -137,61 +143,6 @@ CONFIGS = {
 }
 
 
-def randomize(model, seed=0):
-    """Weights far from init, so routing and attention are decisive."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                values = 0.5 + torch.rand(parameter.shape, generator=generator)
-            elif parameter.ndim == 1:
-                values = 0.2 * torch.randn(parameter.shape, generator=generator)
-            else:
-                fan_in = parameter.shape[-1]
-                values = torch.randn(parameter.shape, generator=generator)
-                values = values * (1.5 / fan_in**0.5)
-            parameter.copy_(values)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
-
-
-def padded_batch():
-    rng = np.random.default_rng(1)
-    token_ids = rng.integers(1, VOCABULARY_SIZE, size=(3, 9)).astype("int32")
-    padding_mask = np.ones((3, 9), "int32")
-    padding_mask[1, 6:] = 0
-    padding_mask[2, 3:] = 0
-    token_ids[padding_mask == 0] = 0
-    return token_ids, padding_mask
-
-
-def transformers_logits(model, token_ids, padding_mask):
-    with torch.no_grad():
-        outputs = model(
-            input_ids=torch.tensor(token_ids, dtype=torch.long),
-            attention_mask=torch.tensor(padding_mask, dtype=torch.long),
-        )
-    return outputs.logits.float().numpy()
-
-
-def run(model, inputs):
-    if keras.backend.backend() == "jax":
-        # One compiled call is faster than JAX's op-by-op eager dispatch.
-        return model.predict_on_batch(inputs)
-    return model(inputs)
-
-
-def keras_logits(model, token_ids, padding_mask):
-    logits = run(model, {"token_ids": token_ids, "padding_mask": padding_mask})
-    return keras.ops.convert_to_numpy(keras.ops.cast(logits, "float32"))
-
-
-def max_difference(a, b, padding_mask):
-    real = padding_mask.astype(bool)
-    return float(np.abs(a - b)[real].max())
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """`{family: (directory, reference logits)}`, made once per module."""
@@ -201,16 +152,11 @@ def checkpoints(tmp_path_factory):
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(CONFIGS[family]())
         model.eval()
-        randomize(model)
+        randomize_weights(model)
         directory = tmp_path_factory.mktemp(family)
         model.save_pretrained(directory)
         made[family] = (directory, transformers_logits(model, token_ids, padding_mask))
     return made
-
-
-def copy_checkpoint(source, destination):
-    shutil.copytree(source, destination)
-    return destination
 
 
 # --- Loading: same logits as transformers --------------------------------
@@ -302,7 +248,9 @@ def test_keras_hub_mixtral_gives_the_same_logits(checkpoints):
     directory, expected = checkpoints["mixtral"]
     token_ids, padding_mask = padded_batch()
     reference = keras_hub.models.MixtralBackbone.from_preset(str(directory))
-    hidden = run(reference, {"token_ids": token_ids, "padding_mask": padding_mask})
+    hidden = reference.predict_on_batch(
+        {"token_ids": token_ids, "padding_mask": padding_mask}
+    )
     hub_logits = keras.ops.convert_to_numpy(
         reference.token_embedding(hidden, reverse=True)
     )
@@ -381,15 +329,6 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path):
 
 
 # --- Errors name the tensor or field --------------------------------------
-
-
-def rewrite_tensors(directory, change):
-    path = directory / "model.safetensors"
-    from safetensors.numpy import load_file
-
-    tensors = load_file(path)
-    change(tensors)
-    safetensors_numpy.save_file(tensors, path, {"format": "pt"})
 
 
 def test_missing_tensor_is_named(checkpoints, tmp_path):

@@ -12,7 +12,6 @@ that the units are dropped inside the experts, one by one.
 import keras
 import numpy as np
 import pytest
-from keras import ops
 
 from keras_moe.layers import Experts
 from keras_moe.layers import FeedForward

@@ -27,9 +27,27 @@ from keras_moe.convert.families.gpt_oss import FP4_VALUES  # noqa: E402
 from keras_moe.convert.families.gpt_oss import GptOss  # noqa: E402
 from keras_moe.convert.families.gpt_oss import dequantize_mxfp4  # noqa: E402
 from keras_moe.models import MoEBackbone  # noqa: E402
+from testing.hf_checkpoints import TOLERANCE  # noqa: E402
+from testing.hf_checkpoints import VOCABULARY_SIZE  # noqa: E402
+from testing.hf_checkpoints import greedy_continuation  # noqa: E402
+from testing.hf_checkpoints import keras_logits  # noqa: E402
+from testing.hf_checkpoints import max_difference  # noqa: E402
+from testing.hf_checkpoints import padded_batch as short_padded_batch  # noqa: E402
+from testing.hf_checkpoints import randomize_weights  # noqa: E402
+from testing.hf_checkpoints import transformers_logits  # noqa: E402
 
-TOLERANCE = 1e-4
-VOCABULARY_SIZE = 64
+
+def padded_batch():
+    return short_padded_batch(short_length=4)
+
+
+def randomize(model, seed=0):
+    """Biases and sinks too; stacked experts are `[E, in, out]`."""
+    randomize_weights(
+        model, seed, bias_scale=0.3,
+        fan_in_axis=lambda name, shape: -2 if "experts" in name else -1,
+    )
+
 WINDOW = 3
 # MXFP4 packs blocks of 32 values along each kernel's input axis.
 CONFIG = dict(
@@ -55,54 +73,6 @@ CONFIG = dict(
     },
     tie_word_embeddings=False,
 )
-
-
-def randomize(model, seed=0):
-    """Weights far from init (biases and sinks too), routing decisive."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                values = 0.5 + torch.rand(parameter.shape, generator=generator)
-            elif parameter.ndim == 1 or name.endswith("_bias"):
-                values = 0.3 * torch.randn(parameter.shape, generator=generator)
-            else:
-                fan_in = parameter.shape[-2 if "experts" in name else -1]
-                values = torch.randn(parameter.shape, generator=generator)
-                values = values * (1.5 / fan_in**0.5)
-            parameter.copy_(values)
-
-
-def padded_batch():
-    rng = np.random.default_rng(1)
-    token_ids = rng.integers(1, VOCABULARY_SIZE, size=(3, 9)).astype("int32")
-    padding_mask = np.ones((3, 9), "int32")
-    padding_mask[1, 6:] = 0
-    padding_mask[2, 4:] = 0
-    token_ids[padding_mask == 0] = 0
-    return token_ids, padding_mask
-
-
-def transformers_logits(model, token_ids, padding_mask):
-    with torch.no_grad():
-        outputs = model(
-            input_ids=torch.tensor(token_ids, dtype=torch.long),
-            attention_mask=torch.tensor(padding_mask, dtype=torch.long),
-        )
-    return outputs.logits.float().numpy()
-
-
-def keras_logits(model, token_ids, padding_mask):
-    inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
-    if keras.backend.backend() == "jax":
-        logits = model.predict_on_batch(inputs)
-    else:
-        logits = model(inputs)
-    return keras.ops.convert_to_numpy(keras.ops.cast(logits, "float32"))
-
-
-def max_difference(a, b, padding_mask):
-    return float(np.abs(a - b)[padding_mask.astype(bool)].max())
 
 
 def quantize_mxfp4(values):
@@ -220,12 +190,9 @@ def test_cached_generation_matches_full_forward_with_short_window(loaded):
         {"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=None
     )
     generated = keras.ops.convert_to_numpy(generated["token_ids"])
-    expected = token_ids.copy()
-    for position in range(2, length):
-        logits = keras_logits(model, expected, np.ones_like(expected))
-        fill = ~padding_mask[:, position]
-        expected[fill, position] = logits[:, position - 1].argmax(-1)[fill]
-    np.testing.assert_array_equal(generated, expected)
+    np.testing.assert_array_equal(
+        generated, greedy_continuation(model, token_ids, padding_mask)
+    )
 
 
 @pytest.mark.skipif(

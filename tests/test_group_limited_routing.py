@@ -9,7 +9,6 @@ and export), on every backend.
 
 import json
 
-import keras
 import numpy as np
 import pytest
 
@@ -20,12 +19,15 @@ from keras_moe.layers import HierarchicalMoE
 from keras_moe.layers import SparseMoE
 from keras_moe.layers import TopKRouter
 from testing import to_numpy
+from testing.hf_checkpoints import TOLERANCE
+from testing.hf_checkpoints import VOCABULARY_SIZE
+from testing.hf_checkpoints import keras_logits
+from testing.hf_checkpoints import randomize_weights
+from testing.hf_checkpoints import transformers_logits
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-TOLERANCE = 1e-4
-VOCABULARY_SIZE = 64
 
 
 def group_limited_reference(logits, top_k, groups, top_groups, group_score):
@@ -144,37 +146,12 @@ def deepseek_v2_config(**changes):
     return transformers.DeepseekV2Config(**options)
 
 
-def randomize(model):
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                values = 0.5 + torch.rand(parameter.shape, generator=generator)
-            else:
-                values = torch.randn(parameter.shape, generator=generator)
-                values = values * (1.5 / parameter.shape[-1] ** 0.5)
-            parameter.copy_(values)
-
-
-def torch_logits(model, token_ids):
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor(token_ids, dtype=torch.long)).logits
-    return logits.float().numpy()
-
-
-def keras_logits(model, token_ids):
-    inputs = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}
-    if keras.backend.backend() == "jax":
-        return np.asarray(model.predict_on_batch(inputs))
-    return to_numpy(model(inputs))
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny group-limited DeepSeek-V2 checkpoint and its logits."""
     torch.manual_seed(0)
     model = transformers.DeepseekV2ForCausalLM(deepseek_v2_config()).eval()
-    randomize(model)
+    randomize_weights(model)
     directory = tmp_path_factory.mktemp("deepseek_v2_groups")
     model.save_pretrained(directory)
     token_ids = np.random.default_rng(2).integers(1, VOCABULARY_SIZE, size=(2, 12))
@@ -183,7 +160,7 @@ def checkpoint(tmp_path_factory):
         deepseek_v2_config(topk_method="greedy")
     ).eval()
     greedy.load_state_dict(model.state_dict())
-    return directory, token_ids, torch_logits(model, token_ids), torch_logits(
+    return directory, token_ids, transformers_logits(model, token_ids), transformers_logits(
         greedy, token_ids
     )
 
@@ -206,7 +183,7 @@ def test_group_limited_greedy_exports_back(checkpoint, tmp_path):
     assert config["topk_method"] == "group_limited_greedy"
     assert (config["n_group"], config["topk_group"]) == (4, 2)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert np.abs(torch_logits(reloaded, token_ids) - expected).max() < TOLERANCE
+    assert np.abs(transformers_logits(reloaded, token_ids) - expected).max() < TOLERANCE
 
 
 def test_export_refuses_the_other_deepseek_group_score(checkpoint, tmp_path):

@@ -22,13 +22,14 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.numpy import load_file  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
-from test_convert import TOLERANCE  # noqa: E402
-from test_convert import VOCABULARY_SIZE  # noqa: E402
-from test_convert import keras_logits  # noqa: E402
-from test_convert import max_difference  # noqa: E402
-from test_convert import padded_batch  # noqa: E402
-from test_convert import randomize  # noqa: E402
-from test_convert import transformers_logits  # noqa: E402
+from testing.hf_checkpoints import TOLERANCE  # noqa: E402
+from testing.hf_checkpoints import VOCABULARY_SIZE  # noqa: E402
+from testing.hf_checkpoints import greedy_continuation  # noqa: E402
+from testing.hf_checkpoints import keras_logits  # noqa: E402
+from testing.hf_checkpoints import max_difference  # noqa: E402
+from testing.hf_checkpoints import padded_batch  # noqa: E402
+from testing.hf_checkpoints import randomize_weights  # noqa: E402
+from testing.hf_checkpoints import transformers_logits  # noqa: E402
 
 from keras_moe import convert  # noqa: E402
 from keras_moe import presets  # noqa: E402
@@ -80,7 +81,7 @@ def make_model(**changes):
     config = transformers.Llama4TextConfig(**{**SETTINGS, **changes})
     config._attn_implementation = "eager"
     model = transformers.Llama4ForCausalLM(config).eval()
-    randomize(model)
+    randomize_weights(model)
     return model
 
 
@@ -192,13 +193,9 @@ def test_cached_generation_is_greedy_decoding_of_full_passes(checkpoint):
         {"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=None
     )
     generated = keras.ops.convert_to_numpy(generated["token_ids"])
-    expected = token_ids.copy()
-    for position in range(1, 9):
-        logits = keras_logits(causal_lm, expected, np.ones_like(expected))
-        next_tokens = logits[:, position - 1].argmax(-1)
-        fill = ~padding_mask[:, position]
-        expected[fill, position] = next_tokens[fill]
-    np.testing.assert_array_equal(generated, expected)
+    np.testing.assert_array_equal(
+        generated, greedy_continuation(causal_lm, token_ids, padding_mask)
+    )
 
 
 def test_unsupported_rope_scaling_is_named(checkpoint, tmp_path):

@@ -22,13 +22,14 @@ from keras_moe.models import MoEBackbone
 from keras_moe.models import MoECausalLM
 from keras_moe.models.multi_token_prediction import multi_token_prediction_loss
 from testing import to_numpy
+from testing.hf_checkpoints import TOLERANCE
+from testing.hf_checkpoints import VOCABULARY_SIZE
+from testing.hf_checkpoints import randomize_weights
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-TOLERANCE = 1e-4
-VOCABULARY_SIZE = 64
 NUM_LAYERS = 2
 EPSILON = 1e-6
 
@@ -60,20 +61,6 @@ def deepseek_v3_config(num_hidden_layers):
         num_nextn_predict_layers=1,
         max_position_embeddings=64,
     )
-
-
-def randomize(model, generator):
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                values = 0.5 + torch.rand(parameter.shape, generator=generator)
-            else:
-                values = torch.randn(parameter.shape, generator=generator)
-                values = values * (1.5 / parameter.shape[-1] ** 0.5)
-            parameter.copy_(values)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
 
 
 def rms_norm(x, scale):
@@ -136,7 +123,7 @@ def checkpoint(tmp_path_factory):
     model = transformers.DeepseekV3ForCausalLM(
         deepseek_v3_config(NUM_LAYERS + 1)
     ).eval()
-    randomize(model, generator)
+    randomize_weights(model, generator=generator)
     directory = tmp_path_factory.mktemp("deepseek_v3_mtp")
     model.save_pretrained(directory)
     mtp = {

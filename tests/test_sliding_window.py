@@ -23,12 +23,12 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from test_convert import CONFIGS  # noqa: E402
-from test_convert import TOLERANCE  # noqa: E402
-from test_convert import keras_logits  # noqa: E402
-from test_convert import max_difference  # noqa: E402
-from test_convert import padded_batch  # noqa: E402
-from test_convert import randomize  # noqa: E402
-from test_convert import transformers_logits  # noqa: E402
+from testing.hf_checkpoints import TOLERANCE  # noqa: E402
+from testing.hf_checkpoints import keras_logits  # noqa: E402
+from testing.hf_checkpoints import max_difference  # noqa: E402
+from testing.hf_checkpoints import padded_batch  # noqa: E402
+from testing.hf_checkpoints import randomize_weights  # noqa: E402
+from testing.hf_checkpoints import transformers_logits  # noqa: E402
 
 from keras_moe import convert  # noqa: E402
 
@@ -58,7 +58,7 @@ def windowed_checkpoints(tmp_path_factory):
         config = type(CONFIGS[family]()).from_dict({**fields, **WINDOWED[family]})
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config).eval()
-        randomize(model)
+        randomize_weights(model)
         directory = tmp_path_factory.mktemp(f"{family}_window")
         model.save_pretrained(directory)
         made[family] = (directory, transformers_logits(model, token_ids, padding_mask))

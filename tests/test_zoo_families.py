@@ -21,15 +21,16 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from test_convert import COMMON  # noqa: E402
-from test_convert import TOLERANCE  # noqa: E402
-from test_convert import VOCABULARY_SIZE  # noqa: E402
-from test_convert import copy_checkpoint  # noqa: E402
-from test_convert import keras_logits  # noqa: E402
-from test_convert import max_difference  # noqa: E402
-from test_convert import padded_batch  # noqa: E402
-from test_convert import randomize  # noqa: E402
-from test_convert import rewrite_tensors  # noqa: E402
-from test_convert import transformers_logits  # noqa: E402
+from testing.hf_checkpoints import TOLERANCE  # noqa: E402
+from testing.hf_checkpoints import VOCABULARY_SIZE  # noqa: E402
+from testing.hf_checkpoints import copy_checkpoint  # noqa: E402
+from testing.hf_checkpoints import greedy_continuation  # noqa: E402
+from testing.hf_checkpoints import keras_logits  # noqa: E402
+from testing.hf_checkpoints import max_difference  # noqa: E402
+from testing.hf_checkpoints import padded_batch  # noqa: E402
+from testing.hf_checkpoints import randomize_weights  # noqa: E402
+from testing.hf_checkpoints import rewrite_tensors  # noqa: E402
+from testing.hf_checkpoints import transformers_logits  # noqa: E402
 
 from testing import reload_keras_file  # noqa: E402
 
@@ -122,7 +123,7 @@ def make_model(family, **changes):
     config_factory, _ = CONFIGS[family]
     model = transformers.AutoModelForCausalLM.from_config(config_factory(**changes))
     model.eval()
-    randomize(model)
+    randomize_weights(model)
     # Norm scales near 1 whatever their name (DBRX: `norm_1`, `norm_f`).
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -225,13 +226,9 @@ def test_cached_generation_is_greedy_decoding_of_full_passes(checkpoints, family
         {"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=None
     )
     generated = keras.ops.convert_to_numpy(generated["token_ids"])
-    expected = token_ids.copy()
-    for position in range(2, 7):
-        logits = keras_logits(causal_lm, expected, np.ones_like(expected))
-        next_tokens = logits[:, position - 1].argmax(-1)
-        fill = ~padding_mask[:, position]
-        expected[fill, position] = next_tokens[fill]
-    np.testing.assert_array_equal(generated, expected)
+    np.testing.assert_array_equal(
+        generated, greedy_continuation(causal_lm, token_ids, padding_mask)
+    )
 
 
 def test_olmoe_refuses_an_output_projection_bias(checkpoints, tmp_path):

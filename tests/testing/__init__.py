@@ -11,6 +11,9 @@
   `assert_same_weights`; the `backend_independent` mark.
 - `moe_reference`, `routing_reference`: slow NumPy references, independent
   of `keras_moe`.
+- `hf_checkpoints`: tiny random transformers checkpoints (weights far from
+  init), a padded batch, logits of both sides, the greedy continuation a
+  cached `generate()` must give, and checkpoint copies to damage.
 
 pytest puts `tests/` on `sys.path`, so test files import `testing`.
 """

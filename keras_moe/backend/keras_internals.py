@@ -1,25 +1,41 @@
 """Private Keras internals, in one place.
 
-Keras keeps out of its public API a few things the router statistics need:
-the scope helpers (the only way to tell a symbolic trace, or a JAX step
-whose state lives outside the variables, from an eager call), a layer's
-call context (what the layers of one forward pass share), the recursive
-list of a model's layers, and whether a JAX variable holds a value. The
-rest of the package reaches them through the functions here, so that a
-Keras upgrade that moves them breaks this file only.
+Keras keeps out of its public API a few things this package needs:
+- for the router statistics: the scope helpers (the only way to tell a
+  symbolic trace, or a JAX step whose state lives outside the variables,
+  from an eager call), a layer's call context (what the layers of one
+  forward pass share), the recursive list of a model's layers, and whether
+  a JAX variable holds a value;
+- for loading and saving: Keras' global state (its list of variables
+  created without a value), its saving library (`H5IOStore`, the attribute
+  skip sets) and `KerasSaveable`, the base of objects saved with a model;
+- for quantization: which layers a `model.quantize(...)` filter selects,
+  and the int4 block size a config gives a layer.
+The rest of the package reaches them through this module, so that a Keras
+upgrade that moves them breaks this file only.
 """
 
 import keras
 from keras.src.backend import get_stateless_scope
 from keras.src.backend import in_stateless_scope
 from keras.src.backend import in_symbolic_scope
+from keras.src.backend.common import global_state
+from keras.src.quantizers.quantization_config import get_block_size_for_layer
+from keras.src.quantizers.utils import should_quantize_layer
+from keras.src.saving import saving_lib
+from keras.src.saving.keras_saveable import KerasSaveable
 
 __all__ = [
+    "KerasSaveable",
     "all_layers",
     "forward_pass_value",
+    "get_block_size_for_layer",
+    "global_state",
     "holds_value",
     "in_stateless_scope",
     "in_symbolic_scope",
+    "saving_lib",
+    "should_quantize_layer",
 ]
 
 

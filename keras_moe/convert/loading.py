@@ -10,6 +10,7 @@ import ml_dtypes
 import numpy as np
 
 from keras_moe import models
+from keras_moe.backend import keras_internals
 from keras_moe.convert import hub
 from keras_moe.convert import registry
 from keras_moe.convert.checkpoint import ConversionError
@@ -310,9 +311,7 @@ class _values_from_checkpoint:
     """
 
     def __enter__(self):
-        from keras.src.backend.common import global_state
-
-        self._state = global_state
+        self._state = keras_internals.global_state
         self._variables = []
         return self
 

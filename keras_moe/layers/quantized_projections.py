@@ -27,8 +27,8 @@ import keras
 import numpy as np
 from keras import ops
 from keras import quantizers
-from keras.src.quantizers.quantization_config import get_block_size_for_layer
 
+from keras_moe.backend.keras_internals import get_block_size_for_layer
 from keras_moe.layers.float8_projection import FLOAT8_VARIABLES
 from keras_moe.layers.float8_projection import float8_project
 from keras_moe.layers.int4_projection import check_block_size

@@ -2,7 +2,7 @@
 
 import weakref
 
-from keras.src.saving.keras_saveable import KerasSaveable
+from keras_moe.backend.keras_internals import KerasSaveable
 
 
 class LoRAState(KerasSaveable):

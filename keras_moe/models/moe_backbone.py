@@ -16,11 +16,11 @@ otherwise; an explicit `moe_layers` list replaces that rule (Qwen-MoE's
 
 import keras
 import numpy as np
-from keras.src.saving import saving_lib
-from keras.src.quantizers.utils import should_quantize_layer
 from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
 
+from keras_moe.backend.keras_internals import saving_lib
+from keras_moe.backend.keras_internals import should_quantize_layer
 from keras_moe.layers.feed_forward_weights import QUANTIZATION_MODES
 from keras_moe.layers.feed_forward_weights import FeedForwardWeights
 from keras_moe.layers.feed_forward_weights import unsupported_mode_error

@@ -38,8 +38,8 @@ _SAVEABLE_TYPES = (
 def _prepare_saving():
     """Make Keras' reference objects before the verification pass."""
     try:
-        from keras.src.backend.common import global_state
-        from keras.src.saving import saving_lib
+        from keras_moe.backend.keras_internals import global_state
+        from keras_moe.backend.keras_internals import saving_lib
 
         for obj_type in _SAVEABLE_TYPES:
             skipset = saving_lib.get_attr_skipset(obj_type)

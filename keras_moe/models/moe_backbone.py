@@ -15,11 +15,9 @@ otherwise; an explicit `moe_layers` list replaces that rule (Qwen-MoE's
 
 
 import keras
-import numpy as np
 from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
 
-from keras_moe.backend.keras_internals import saving_lib
 from keras_moe.backend.keras_internals import should_quantize_layer
 from keras_moe.layers.feed_forward_weights import QUANTIZATION_MODES
 from keras_moe.layers.feed_forward_weights import FeedForwardWeights
@@ -30,14 +28,12 @@ from keras_moe.models.decoder_layers import make_attention
 from keras_moe.models.decoder_layers import make_feedforward
 from keras_moe.models.decoder_layers import make_multi_token_prediction
 from keras_moe.models.layer_normalization import make_normalization
-from keras_moe.models.lora_state import LoRAState
-from keras_moe.models.lora_state import lora_variables
+from keras_moe.models import lora_state
 from keras_moe.models.moe_decoder_block import MoEDecoderBlock
 from keras_moe.utils.argument_validation import check_int
 from keras_moe.utils.weights_loading import load_weights_or_restore
 
 # Saved in a `.lora.h5` file beside the rank: the adapted layers' names.
-_LORA_TARGETS = "target_layer_names"
 
 
 def check_quantization_mode(model, mode, filters=None):
@@ -545,46 +541,18 @@ class MoEBackbone(Backbone):
         self._lora_target_layer_names = target_layer_names
         # Saving (`save`, `save_weights`, presets) then also stores the
         # adapted layers unmerged; see `LoRAState`.
-        self._lora_state = LoRAState(self)
+        self._lora_state = lora_state.LoRAState(self)
 
     def save_lora_weights(self, filepath):
         """Save the LoRA factors of every adapted layer to a `.lora.h5` file.
 
-        The layout of keras-hub's `Backbone.save_lora_weights` (each
-        adapted layer's factors under its index), with each layer's own
-        variable names, so that feed-forward layers (three pairs of
-        factors, one per projection) save too, and the target layer names,
-        so that `load_lora_weights` on a fresh model adapts the same
-        layers.
+        keras-hub's layout, with each layer's own variable names and the
+        target layer names (see `keras_moe.models.lora_state`).
 
         Args:
             filepath: str, a path ending in `.lora.h5`.
         """
-        if not getattr(self, "_lora_enabled_layers", []):
-            raise ValueError(
-                "There are no LoRA-enabled layers in this model: call "
-                "`enable_lora(rank)` first."
-            )
-        if not str(filepath).endswith(".lora.h5"):
-            raise ValueError(
-                "The filename must end in `.lora.h5`. "
-                f"Received: filepath={filepath}"
-            )
-        store = saving_lib.H5IOStore(filepath, mode="w")
-        try:
-            lora_store = store.make("lora")
-            lora_store["rank"] = self._lora_rank
-            targets = getattr(self, "_lora_target_layer_names", None)
-            if targets:
-                names = "\n".join(targets).encode()
-                lora_store[_LORA_TARGETS] = np.frombuffer(names, "uint8")
-            layers = self._weighted_layers()
-            for index in self._lora_enabled_layers:
-                inner_store = store.make(f"lora/{index}")
-                for variable in lora_variables(layers[index]):
-                    inner_store[variable.name] = variable
-        finally:
-            store.close()
+        lora_state.save_lora_weights(self, filepath)
 
     def load_lora_weights(self, filepath):
         """Load LoRA factors saved by `save_lora_weights`.
@@ -595,35 +563,7 @@ class MoEBackbone(Backbone):
         Args:
             filepath: str, a `.lora.h5` file.
         """
-        store = saving_lib.H5IOStore(filepath, mode="r")
-        try:
-            lora_store = store.get("lora")
-            rank = int(lora_store["rank"][()])
-            targets = None
-            if _LORA_TARGETS in lora_store.keys():
-                targets = bytes(np.asarray(lora_store[_LORA_TARGETS])).decode()
-                targets = targets.split("\n")
-            if not getattr(self, "_lora_enabled_layers", []):
-                self.enable_lora(rank, target_layer_names=targets)
-            elif self._lora_rank != rank:
-                raise ValueError(
-                    f"The LoRA rank of file '{filepath}' is rank={rank}, but "
-                    f"the model was called with `enable_lora(rank="
-                    f"{self._lora_rank})`. Both ranks must match."
-                )
-            layers = self._weighted_layers()
-            for index in self._lora_enabled_layers:
-                if not store.has_path(f"lora/{index}"):
-                    raise ValueError(
-                        f"File '{filepath}' has no LoRA weights for layer "
-                        f"{layers[index].path!r}: it was saved from other "
-                        f"target layers (saved: {targets})."
-                    )
-                inner_store = store.get(f"lora/{index}")
-                for variable in lora_variables(layers[index]):
-                    variable.assign(inner_store[variable.name])
-        finally:
-            store.close()
+        lora_state.load_lora_weights(self, filepath)
 
     def _weighted_layers(self):
         # keras-hub identifies adapted layers by their index in this list.

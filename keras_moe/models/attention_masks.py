@@ -74,6 +74,35 @@ def attention_mask(
     return mask
 
 
+def query_start_index(cache, cache_update_index):
+    """The position of the first query of a call with these cache arguments.
+
+    Without a cache the queries start at 0; with one, at
+    `cache_update_index` (0 when None: a call that reads the cache only).
+
+    Args:
+        cache: the attention cache, or None.
+        cache_update_index: int, scalar int tensor or None.
+
+    Returns:
+        `cache_update_index`, or 0.
+
+    Raises:
+        ValueError: for a `cache_update_index` without a `cache`.
+
+    Example:
+
+    >>> query_start_index(None, None), query_start_index("cache", 5)
+    (0, 5)
+    """
+    if cache is None and cache_update_index is not None:
+        raise ValueError(
+            "`cache_update_index` is only meaningful with a `cache`. "
+            f"Received: cache_update_index={cache_update_index}"
+        )
+    return 0 if cache_update_index is None else cache_update_index
+
+
 def masked_softmax(scores, mask, sinks=None):
     """Softmax over the last axis in float32, masked keys get zero weight.
 

@@ -6,6 +6,7 @@ from keras_hub.layers import RotaryEmbedding
 
 from keras_moe.models.attention_masks import attention_mask
 from keras_moe.models.attention_masks import masked_softmax
+from keras_moe.models.attention_masks import query_start_index
 from keras_moe.models.rms_normalization import RMSNormalization
 from keras_moe.models.rope_scaling import normalize_gqa_rope_scaling
 from keras_moe.models.rope_scaling import rope_parameters
@@ -417,12 +418,7 @@ class GroupedQueryAttention(keras.layers.Layer):
         cache_update_index=None,
         training=None,
     ):
-        if cache is None and cache_update_index is not None:
-            raise ValueError(
-                "`cache_update_index` is only meaningful with a `cache`. "
-                f"Received: cache_update_index={cache_update_index}"
-            )
-        start_index = 0 if cache_update_index is None else cache_update_index
+        start_index = query_start_index(cache, cache_update_index)
         query = self.query_dense(hidden_states)
         if self.use_qk_norm:
             query = self._normalized(query, self.query_norm)

@@ -8,6 +8,7 @@ from keras_hub.layers import RotaryEmbedding
 
 from keras_moe.models.attention_masks import attention_mask
 from keras_moe.models.attention_masks import masked_softmax
+from keras_moe.models.attention_masks import query_start_index
 from keras_moe.models.rms_normalization import RMSNormalization
 from keras_moe.models.yarn import apply_rotary
 from keras_moe.models.yarn import normalize_rope_scaling
@@ -347,12 +348,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         cache_update_index=None,
         training=None,
     ):
-        if cache is None and cache_update_index is not None:
-            raise ValueError(
-                "`cache_update_index` is only meaningful with a `cache`. "
-                f"Received: cache_update_index={cache_update_index}"
-            )
-        start_index = 0 if cache_update_index is None else cache_update_index
+        start_index = query_start_index(cache, cache_update_index)
         query_nope, query_rope = self._queries(hidden_states, start_index)
 
         if cache is None:

@@ -74,6 +74,54 @@ def _expert_groups(hf_config, config):
     return dict(expert_groups=groups, top_groups=top_groups)
 
 
+def check_deepseek_moe_layout(family, backbone, name):
+    """Refuse what DeepSeekMoE's layout (DeepSeek, GLM-4.5) cannot hold.
+
+    Dense layers come first (`first_k_dense_replace` of them), then MoE
+    layers only; shared experts have the routed experts' width.
+
+    Args:
+        family: the exporting `Family` (it refuses).
+        backbone: the `MoEBackbone` being exported.
+        name: the model family's name, for the message.
+
+    Raises:
+        ConversionError: naming what differs.
+    """
+    expected = list(range(backbone.first_k_dense, backbone.num_layers))
+    if moe_layer_indices(backbone) != expected:
+        family.refuse(
+            f"{name} models are dense for `first_k_dense_replace` layers, "
+            "then MoE."
+        )
+    if backbone.num_shared_experts and backbone.shared_intermediate_dim not in (
+        None,
+        backbone.num_shared_experts * backbone.moe_intermediate_dim,
+    ):
+        family.refuse(f"{name} shared experts have the routed experts' width.")
+
+
+def deepseek_moe_fields(backbone, moe):
+    """The `config.json` fields of DeepSeekMoE's layout (DeepSeek, GLM-4.5).
+
+    Args:
+        backbone: the `MoEBackbone` being exported.
+        moe: its MoE layers' settings (`moe_settings`).
+
+    Returns:
+        A dict of config fields.
+    """
+    return dict(
+        intermediate_size=backbone.intermediate_dim or backbone.moe_intermediate_dim,
+        moe_intermediate_size=backbone.moe_intermediate_dim,
+        n_routed_experts=backbone.num_experts,
+        n_shared_experts=backbone.num_shared_experts,
+        first_k_dense_replace=backbone.first_k_dense,
+        routed_scaling_factor=moe["routed_scaling_factor"],
+        norm_topk_prob=moe["normalize_top_k"],
+    )
+
+
 class _DeepSeek(Family):
     """What DeepSeek-V2 and DeepSeek-V3 share."""
 
@@ -121,17 +169,7 @@ class _DeepSeek(Family):
         )
 
     def check_exportable(self, backbone, moe):
-        expected = list(range(backbone.first_k_dense, backbone.num_layers))
-        if moe_layer_indices(backbone) != expected:
-            self.refuse(
-                "DeepSeek models are dense for `first_k_dense_replace` layers, "
-                "then MoE."
-            )
-        if backbone.num_shared_experts and backbone.shared_intermediate_dim not in (
-            None,
-            backbone.num_shared_experts * backbone.moe_intermediate_dim,
-        ):
-            self.refuse("DeepSeek shared experts have the routed experts' width.")
+        check_deepseek_moe_layout(self, backbone, "DeepSeek")
         if backbone.shared_expert_gate:
             self.refuse("DeepSeek shared experts have no gate.")
 
@@ -143,16 +181,9 @@ class _DeepSeek(Family):
             qk_nope_head_dim=backbone.qk_nope_head_dim,
             qk_rope_head_dim=backbone.qk_rope_head_dim,
             v_head_dim=backbone.v_head_dim,
-            intermediate_size=backbone.intermediate_dim
-            or backbone.moe_intermediate_dim,
-            moe_intermediate_size=backbone.moe_intermediate_dim,
-            n_routed_experts=backbone.num_experts,
-            n_shared_experts=backbone.num_shared_experts,
-            first_k_dense_replace=backbone.first_k_dense,
             moe_layer_freq=1,
-            routed_scaling_factor=moe["routed_scaling_factor"],
-            norm_topk_prob=moe["normalize_top_k"],
             attention_bias=False,
+            **deepseek_moe_fields(backbone, moe),
         )
         if backbone.rope_scaling is not None:
             scaling = {

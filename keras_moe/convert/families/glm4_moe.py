@@ -25,9 +25,10 @@ from keras_moe.convert.families.deepseek import DEEPSEEK_V3_BIAS_UPDATE_RATE
 from keras_moe.convert.families.deepseek import (
     DEEPSEEK_V3_SEQUENCE_AUX_LOSS_WEIGHT,
 )
+from keras_moe.convert.families.deepseek import check_deepseek_moe_layout
+from keras_moe.convert.families.deepseek import deepseek_moe_fields
 from keras_moe.convert.family import DECODER_TENSOR_NAMES
 from keras_moe.convert.family import Family
-from keras_moe.convert.family import moe_layer_indices
 
 _ATTENTION = "model.layers.{layer}.self_attn"
 _MLP = "model.layers.{layer}.mlp"
@@ -130,19 +131,9 @@ class Glm4MoE(Family):
             )
         if moe.get("group_score", "top2_sum") != "top2_sum":
             self.refuse("GLM-4.5 scores a group by its two best experts.")
-        expected = list(range(backbone.first_k_dense, backbone.num_layers))
-        if moe_layer_indices(backbone) != expected:
-            self.refuse(
-                "GLM-4.5 models are dense for `first_k_dense_replace` layers, "
-                "then MoE."
-            )
         if not backbone.num_shared_experts or backbone.shared_expert_gate:
             self.refuse("GLM-4.5 MoE layers have ungated shared experts.")
-        if backbone.shared_intermediate_dim not in (
-            None,
-            backbone.num_shared_experts * backbone.moe_intermediate_dim,
-        ):
-            self.refuse("GLM-4.5 shared experts have the routed experts' width.")
+        check_deepseek_moe_layout(self, backbone, "GLM-4.5")
 
     def export_config(self, backbone, moe):
         return dict(
@@ -151,17 +142,10 @@ class Glm4MoE(Family):
             attention_bias=backbone.attention_bias,
             use_qk_norm=backbone.use_qk_norm,
             partial_rotary_factor=backbone.partial_rotary_factor,
-            intermediate_size=backbone.intermediate_dim
-            or backbone.moe_intermediate_dim,
-            moe_intermediate_size=backbone.moe_intermediate_dim,
-            n_routed_experts=backbone.num_experts,
-            n_shared_experts=backbone.num_shared_experts,
-            first_k_dense_replace=backbone.first_k_dense,
             n_group=moe["expert_groups"],
             topk_group=moe["top_groups"],
-            routed_scaling_factor=moe["routed_scaling_factor"],
-            norm_topk_prob=moe["normalize_top_k"],
             num_nextn_predict_layers=0,
+            **deepseek_moe_fields(backbone, moe),
         )
 
 

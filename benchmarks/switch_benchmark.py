@@ -19,7 +19,11 @@ token batches:
 Each model takes `--warmup` training steps (compilation), then
 `--steps` timed steps; the report gives the median step and the training
 tokens per second (source plus target tokens of a batch over the median
-step), and each model's throughput relative to keras-moe.
+step), and each model's throughput relative to keras-moe. The machine is
+checked before the run (`--require-idle` stops a run on a busy machine)
+and the CPU other processes took while each model was timed is reported:
+eager PyTorch suffers from competing load far more than the compiled
+backends, so ratios taken under load mislead.
 
 Usage:
     KERAS_BACKEND=jax python benchmarks/switch_benchmark.py
@@ -33,6 +37,7 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+import harness  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -191,6 +196,7 @@ def main(argv=None):
     parser.add_argument(
         "--models", nargs="+", default=list(MODELS), choices=list(MODELS)
     )
+    harness.add_idle_argument(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 2, 1
@@ -200,14 +206,18 @@ def main(argv=None):
     tokens = args.batch_size * (args.encoder_length + args.decoder_length)
     print(f"Backend: {keras.backend.backend()}; shape: {shape}; batch "
           f"{args.batch_size} x ({args.encoder_length} + {args.decoder_length}) tokens")
-    results = {}
+    harness.check_idle(refuse=args.require_idle)
+    results, others = {}, {}
     for name in args.models:
         step = MODELS[name](args, shape)
         data = batches(args, args.vocabulary_size, args.warmup + args.steps)
-        median = statistics.median(time_steps(step, data, args.warmup))
+        with harness.OtherCpuLoad(own="self") as load:
+            median = statistics.median(time_steps(step, data, args.warmup))
+        others[name] = load.cores
         results[name] = tokens / median
         print(f"{name:>14}: median step {median * 1000:8.1f} ms, "
               f"{results[name]:9.0f} training tokens/s")
+    harness.warn_if_busy(others)
     if "keras_moe" in results:
         for name, rate in results.items():
             print(f"{name:>14} / keras_moe tokens/s: {rate / results['keras_moe']:.2f}")

@@ -37,10 +37,15 @@ def batches():
     BACKEND not in ("tensorflow", "jax"),
     reason="`format='tf_saved_model'` exports from TensorFlow and JAX",
 )
-def test_tf_saved_model_export_matches_the_model(tmp_path):
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_tf_saved_model_export_matches_the_model(tmp_path, quantization):
     import tensorflow as tf
 
+    # Quantized experts export too (their integer kernels and scales).
     model = tiny_model()
+    if quantization is not None:
+        model.quantize(quantization)
+        assert model.layers[-1].experts.quantization_mode == quantization
     path = str(tmp_path / "exported")
     model.export(path, format="tf_saved_model", verbose=False)
     loaded = tf.saved_model.load(path)

@@ -23,6 +23,7 @@ from keras_moe import presets  # noqa: E402
 from keras_moe.convert import ConversionError  # noqa: E402
 from testing.hf_checkpoints import TOLERANCE  # noqa: E402
 from testing.hf_checkpoints import VOCABULARY_SIZE  # noqa: E402
+from testing.hf_checkpoints import assert_same_tensors  # noqa: E402
 from testing.hf_checkpoints import copy_checkpoint  # noqa: E402
 from testing.hf_checkpoints import keras_logits  # noqa: E402
 from testing.hf_checkpoints import max_difference  # noqa: E402
@@ -270,10 +271,9 @@ def test_export_round_trip(checkpoints, family, tmp_path):
     config = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert config["model_type"] == family
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
-    source = transformers.AutoModelForCausalLM.from_pretrained(directory)
-    source_state = source.state_dict()
-    for name, tensor in reloaded.state_dict().items():
-        assert torch.equal(tensor, source_state[name]), name
+    assert_same_tensors(
+        reloaded, transformers.AutoModelForCausalLM.from_pretrained(directory)
+    )
     token_ids, padding_mask = padded_batch()
     logits = transformers_logits(reloaded.eval(), token_ids, padding_mask)
     assert max_difference(logits, expected, padding_mask) < TOLERANCE

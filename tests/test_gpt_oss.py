@@ -29,6 +29,7 @@ from keras_moe.convert.families.gpt_oss import dequantize_mxfp4  # noqa: E402
 from keras_moe.models import MoEBackbone  # noqa: E402
 from testing.hf_checkpoints import TOLERANCE  # noqa: E402
 from testing.hf_checkpoints import VOCABULARY_SIZE  # noqa: E402
+from testing.hf_checkpoints import assert_same_tensors  # noqa: E402
 from testing.hf_checkpoints import greedy_continuation  # noqa: E402
 from testing.hf_checkpoints import keras_logits  # noqa: E402
 from testing.hf_checkpoints import max_difference  # noqa: E402
@@ -268,10 +269,7 @@ def test_export_round_trip_is_bit_identical(checkpoints, loaded, kind, tmp_path)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(
         exported, attn_implementation="eager"
     )
-    source_state, reloaded_state = source.state_dict(), reloaded.state_dict()
-    assert sorted(reloaded_state) == sorted(source_state)
-    for name, tensor in reloaded_state.items():
-        assert torch.equal(tensor, source_state[name]), name
+    assert_same_tensors(reloaded, source)
     # The exported config.json describes the same computation.
     for field in (
         "layer_types", "sliding_window", "rope_parameters", "swiglu_alpha",

@@ -24,6 +24,7 @@ from safetensors.numpy import load_file  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 from testing.hf_checkpoints import TOLERANCE  # noqa: E402
 from testing.hf_checkpoints import VOCABULARY_SIZE  # noqa: E402
+from testing.hf_checkpoints import assert_same_tensors  # noqa: E402
 from testing.hf_checkpoints import greedy_continuation  # noqa: E402
 from testing.hf_checkpoints import keras_logits  # noqa: E402
 from testing.hf_checkpoints import max_difference  # noqa: E402
@@ -169,11 +170,9 @@ def test_export_round_trip_is_bit_identical(checkpoint, tmp_path):
     reloaded = transformers.Llama4ForCausalLM.from_pretrained(
         tmp_path / "exported", attn_implementation="eager"
     ).eval()
-    source_state = transformers.Llama4ForCausalLM.from_pretrained(directory).state_dict()
-    reloaded_state = reloaded.state_dict()
-    assert sorted(reloaded_state) == sorted(source_state)
-    for name, tensor in reloaded_state.items():
-        assert torch.equal(tensor, source_state[name]), name
+    assert_same_tensors(
+        reloaded, transformers.Llama4ForCausalLM.from_pretrained(directory)
+    )
     # The exported config.json describes the same computation.
     token_ids, padding_mask = padded_batch()
     logits = transformers_logits(reloaded, token_ids, padding_mask)

@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 from test_convert import COMMON  # noqa: E402
 from testing.hf_checkpoints import TOLERANCE  # noqa: E402
 from testing.hf_checkpoints import VOCABULARY_SIZE  # noqa: E402
+from testing.hf_checkpoints import assert_same_tensors  # noqa: E402
 from testing.hf_checkpoints import copy_checkpoint  # noqa: E402
 from testing.hf_checkpoints import greedy_continuation  # noqa: E402
 from testing.hf_checkpoints import keras_logits  # noqa: E402
@@ -176,13 +177,9 @@ def test_export_round_trip_is_bit_identical(checkpoints, family, tmp_path):
     config = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert config["model_type"] == family
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
-    source_state = transformers.AutoModelForCausalLM.from_pretrained(
-        directory
-    ).state_dict()
-    reloaded_state = reloaded.state_dict()
-    assert sorted(reloaded_state) == sorted(source_state)
-    for name, tensor in reloaded_state.items():
-        assert torch.equal(tensor, source_state[name]), name
+    assert_same_tensors(
+        reloaded, transformers.AutoModelForCausalLM.from_pretrained(directory)
+    )
     # The exported config.json describes the same computation.
     token_ids, padding_mask = padded_batch()
     logits = transformers_logits(reloaded.eval(), token_ids, padding_mask)

@@ -54,6 +54,22 @@ def randomize_weights(model, seed=0, *, generator=None, bias_scale=0.2, fan_in_a
                 buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
 
 
+def assert_same_tensors(model, reference):
+    """Two torch models hold the same tensors, under the same names, bit for bit.
+
+    Args:
+        model: a `torch.nn.Module` (e.g. a checkpoint exported by keras-moe,
+            loaded by transformers).
+        reference: the `torch.nn.Module` it must equal.
+    """
+    import torch
+
+    state, expected = model.state_dict(), reference.state_dict()
+    assert sorted(state) == sorted(expected)
+    for name, tensor in state.items():
+        assert torch.equal(tensor, expected[name]), name
+
+
 def padded_batch(short_length=3, vocabulary_size=VOCABULARY_SIZE):
     """Three rows of 9 token ids: one whole, two padded on the right.
 
